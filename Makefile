@@ -1,0 +1,27 @@
+# Set-up and everyday commands. `make test` and `make serve` work on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test serve protos default-model clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[training,serving,dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+serve: setup
+	$(BIN)/cyborg serve --model-repository models
+
+protos: setup
+	$(BIN)/python -m serving.proto.generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info

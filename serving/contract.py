@@ -1,0 +1,204 @@
+"""The model contract: what a deployable model takes and returns (`model.json`).
+
+This module is the one home of the facts that training, export and serving must agree on: tensor
+names, class order, file names, the preprocessing recipe and the metadata schema. It uses the
+standard library only, so the serving side can read it without torch, and export writes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cyborg.errors import UserError
+
+SCHEMA_VERSION = 1
+CONTRACT_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+INT8_ONNX_FILE = "model.int8.onnx"
+TENSORRT_FILE = "model.plan"
+TRITON_CONFIG_FILE = "config.pbtxt"
+
+# Graph input: uint8 RGB images, NCHW, dynamic batch, the model's fixed height and width.
+# Normalisation (mean/std) happens inside the graph.
+INPUT_NAME = "images"
+INPUT_DTYPE = "uint8"
+INPUT_LAYOUT = "NCHW"
+# Graph outputs.
+SCORE_OUTPUT = "score"  # float32 [B]: probability that the image is fake
+LOGITS_OUTPUT = "logits"  # float32 [B, 2]
+CAM_OUTPUT = "cam"  # float32 [B, h, w] in [0, 1], CAM of the predicted class
+OUTPUT_NAMES = (SCORE_OUTPUT, LOGITS_OUTPUT, CAM_OUTPUT)
+
+# Class order of the logits. Index 1 is the "fake" (synthetic) class; score = softmax[:, 1].
+CLASS_NAMES = ("real", "fake")
+FAKE_INDEX = 1
+
+# How images are brought to the input size, in training and in serving alike.
+RESIZE_METHOD = "bilinear"  # PIL.Image.Resampling.BILINEAR (antialiased), straight to H x W, no crop
+
+SALIENCY_SOURCES = ("human", "proxy", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """Dynamic batching settings a server applies to this model."""
+
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelContract:
+    """Everything a server needs to know about one model version."""
+
+    name: str
+    version: int
+    architecture: str
+    input_height: int
+    input_width: int
+    cam_height: int
+    cam_width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    threshold: float
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+    batching: Batching = Batching()
+    created: str = ""
+    input_name: str = INPUT_NAME
+    input_dtype: str = INPUT_DTYPE
+    input_layout: str = INPUT_LAYOUT
+    output_names: tuple[str, ...] = OUTPUT_NAMES
+    class_names: tuple[str, ...] = CLASS_NAMES
+    resize: str = RESIZE_METHOD
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image."""
+        return (3, self.input_height, self.input_width)
+
+    @property
+    def cam_shape(self) -> tuple[int, int]:
+        return (self.cam_height, self.cam_width)
+
+    def label(self, score: float) -> str:
+        """The class name for a fake score under this model's threshold."""
+        return CLASS_NAMES[FAKE_INDEX] if score >= self.threshold else CLASS_NAMES[1 - FAKE_INDEX]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelContract:
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ContractError(f"unknown keys in {CONTRACT_FILE}: {', '.join(unknown)}")
+        values = dict(data)
+        try:
+            values["batching"] = Batching(**values.get("batching", {}))
+            for key in ("mean", "std", "output_names", "class_names"):
+                if key in values:
+                    values[key] = tuple(values[key])
+            contract = cls(**values)
+        except TypeError as error:
+            raise ContractError(f"invalid {CONTRACT_FILE}: {error}") from error
+        contract.validate()
+        return contract
+
+    def validate(self) -> None:
+        """Raise ContractError naming the first field that breaks the contract."""
+        problems = []
+        if self.schema_version != SCHEMA_VERSION:
+            problems.append(f"schema_version {self.schema_version} (this cyborg reads {SCHEMA_VERSION})")
+        if not self.name or "/" in self.name:
+            problems.append(f"name {self.name!r}")
+        if not isinstance(self.version, int) or self.version < 1:
+            problems.append(f"version {self.version!r} (a positive integer)")
+        for field in ("input_height", "input_width", "cam_height", "cam_width"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"{field} {value!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            problems.append(f"mean/std {self.mean}/{self.std}")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            problems.append(f"threshold {self.threshold} (outside [0, 1])")
+        if self.input_name != INPUT_NAME or tuple(self.output_names) != OUTPUT_NAMES:
+            problems.append(f"tensor names {self.input_name}/{self.output_names} (expected {INPUT_NAME}/{OUTPUT_NAMES})")
+        if self.input_dtype != INPUT_DTYPE or self.input_layout != INPUT_LAYOUT:
+            problems.append(f"input {self.input_dtype} {self.input_layout} (expected {INPUT_DTYPE} {INPUT_LAYOUT})")
+        saliency = self.training.get("saliency", "none")
+        if saliency not in SALIENCY_SOURCES:
+            problems.append(f"training.saliency {saliency!r} (one of {', '.join(SALIENCY_SOURCES)})")
+        if self.batching.max_batch_size < 1 or self.batching.max_queue_delay_ms < 0 or self.batching.max_queue_size < 1:
+            problems.append(f"batching {self.batching}")
+        if problems:
+            raise ContractError(f"invalid {CONTRACT_FILE} for {self.name!r} v{self.version}: " + "; ".join(problems))
+
+
+class ContractError(UserError):
+    """A model folder that does not hold a valid model.json or whose files do not match it."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def read_contract(model_dir: str | os.PathLike[str], verify: bool = True) -> ModelContract:
+    """Read and validate `<model_dir>/model.json`; with `verify`, check every file's sha256."""
+    path = Path(model_dir) / CONTRACT_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ContractError(f"{path}: no {CONTRACT_FILE}") from error
+    except (OSError, ValueError) as error:
+        raise ContractError(f"{path}: unreadable {CONTRACT_FILE}: {error}") from error
+    if not isinstance(data, dict):
+        raise ContractError(f"{path}: {CONTRACT_FILE} must hold a JSON object")
+    contract = ModelContract.from_dict(data)
+    if verify:
+        verify_files(model_dir, contract)
+    return contract
+
+
+def verify_files(model_dir: str | os.PathLike[str], contract: ModelContract) -> None:
+    """Raise ContractError if a listed file is missing or its sha256 differs from model.json."""
+    if ONNX_FILE not in contract.files:
+        raise ContractError(f"{model_dir}: {CONTRACT_FILE} lists no {ONNX_FILE}")
+    for name, expected in contract.files.items():
+        path = Path(model_dir) / name
+        if not path.is_file():
+            raise ContractError(f"{path}: listed in {CONTRACT_FILE} but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ContractError(f"{path}: sha256 {actual[:12]}… does not match {CONTRACT_FILE} ({expected[:12]}…)")
+
+
+def write_contract(model_dir: str | os.PathLike[str], contract: ModelContract) -> Path:
+    """Validate and write `<model_dir>/model.json` atomically."""
+    contract.validate()
+    path = Path(model_dir) / CONTRACT_FILE
+    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".model.json.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(contract.to_dict(), handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
