@@ -1,7 +1,7 @@
 """The `cyborg` command.
 
-Each sub-command lives in its own module with `HELP`, `add_arguments(parser)` and
-`run(args) -> int`. Those modules import only the standard library at module level, so
+Each sub-command lives in its own module with `add_arguments(parser)` and `run(args) -> int`,
+imported only when that command runs. Those modules import only the standard library at module level, so
 `cyborg serve` works where torch is not installed, and torch loads only for training commands.
 """
 
@@ -16,19 +16,19 @@ from collections.abc import Sequence
 from cyborg import __version__
 from cyborg.errors import UserError
 
-# (command words) -> module implementing it
-COMMANDS: dict[tuple[str, ...], str] = {
-    ("data", "check"): "training.commands.data_check",
-    ("saliency", "prior"): "training.commands.saliency_prior",
-    ("train",): "training.commands.train",
-    ("evaluate",): "training.commands.evaluate",
-    ("export",): "training.commands.export",
-    ("models", "list"): "serving.commands.models_list",
-    ("serve",): "serving.commands.serve",
-    ("detect",): "serving.commands.detect",
-    ("bench", "train"): "training.commands.bench_train",
-    ("bench", "guidance"): "training.commands.bench_guidance",
-    ("bench", "serve"): "serving.commands.bench_serve",
+# (command words) -> (module implementing it, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("data", "check"): ("training.commands.data_check", "report problems in a data set (exit 1 on errors)"),
+    ("saliency", "prior"): ("training.commands.saliency_prior", "write proxy saliency maps for data without human maps"),
+    ("train",): ("training.commands.train", "train a detector with the CYBORG loss"),
+    ("evaluate",): ("training.commands.evaluate", "AUC, EER, accuracy, ROC and CAM pictures for a checkpoint"),
+    ("export",): ("training.commands.export", "export a checkpoint to ONNX/TensorRT in a model repository"),
+    ("models", "list"): ("serving.commands.models_list", "list the models in a model repository"),
+    ("serve",): ("serving.commands.serve", "run the gRPC inference server"),
+    ("detect",): ("serving.commands.detect", "send images to a server and print scores"),
+    ("bench", "train"): ("training.commands.bench_train", "training step time: CYBORG against CE"),
+    ("bench", "guidance"): ("training.commands.bench_guidance", "compare saliency-guidance methods on a decoy set"),
+    ("bench", "serve"): ("serving.commands.bench_serve", "server throughput and latency against in-process ONNX Runtime"),
 }
 
 GROUP_HELP = {
@@ -39,29 +39,42 @@ GROUP_HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: Sequence[str]) -> tuple[str, ...] | None:
+    """The command words in argv, found without importing any command module."""
+    words = [token for token in argv if not token.startswith("-")]
+    for length in (2, 1):
+        if tuple(words[:length]) in COMMANDS:
+            return tuple(words[:length])
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The full parser; only the module of the command named in argv is imported."""
     parser = argparse.ArgumentParser(prog="cyborg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cyborg {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
-    for words, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
+    chosen = chosen_command(argv)
+    for words, (module_name, help_text) in COMMANDS.items():
         if len(words) == 1:
-            sub = top.add_parser(words[0], help=module.HELP, description=module.HELP)
+            sub = top.add_parser(words[0], help=help_text, description=help_text)
         else:
             group, name = words
             if group not in groups:
-                group_parser = top.add_parser(group, help=GROUP_HELP[group])
+                group_parser = top.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group])
                 groups[group] = group_parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
-            sub = groups[group].add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(sub)
-        sub.set_defaults(handler=module.run)
+            sub = groups[group].add_parser(name, help=help_text, description=help_text)
+        if words == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(handler=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
