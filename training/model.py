@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from serving.contract import FAKE_INDEX
+from training import backbones as _backbones  # noqa: F401  registers cyborg_local_tiny with timm
 
 # Architectures the project documents and tests; any other timm name that meets the contract works too.
 ARCHITECTURES = {
@@ -61,6 +62,11 @@ class CamClassifier(nn.Module):
         classifier = backbone.get_classifier()
         if not isinstance(classifier, nn.Linear):
             raise ValueError(f"{type(backbone).__name__}: classifier is {type(classifier).__name__}, not one nn.Linear; no exact CAM")
+        if classifier.in_features != getattr(backbone, "num_features", classifier.in_features):
+            raise ValueError(
+                f"{type(backbone).__name__}: layers between pooling and the classifier "
+                f"({backbone.num_features} features -> {classifier.in_features}); no exact CAM"
+            )
         self.backbone = backbone
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)

@@ -1,0 +1,70 @@
+"""The model.json contract: validation, round trip, checksums."""
+
+import dataclasses
+import json
+
+import pytest
+
+from serving import contract as c
+
+
+def make_contract(**changes) -> c.ModelContract:
+    values = dict(
+        name="tiny",
+        version=1,
+        architecture="test_resnet",
+        input_height=64,
+        input_width=64,
+        cam_height=2,
+        cam_width=2,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        threshold=0.4,
+        training={"saliency": "proxy", "alpha": 0.5},
+    )
+    values.update(changes)
+    return c.ModelContract(**values)
+
+
+def test_round_trip_and_checksums(tmp_path):
+    (tmp_path / c.ONNX_FILE).write_bytes(b"onnx bytes")
+    contract = make_contract(files={c.ONNX_FILE: c.sha256_file(tmp_path / c.ONNX_FILE)})
+    c.write_contract(tmp_path, contract)
+    assert c.read_contract(tmp_path) == contract
+    assert contract.label(0.4) == "fake" and contract.label(0.39) == "real"
+
+    (tmp_path / c.ONNX_FILE).write_bytes(b"tampered")
+    with pytest.raises(c.ContractError, match="sha256"):
+        c.read_contract(tmp_path)
+    (tmp_path / c.ONNX_FILE).unlink()
+    with pytest.raises(c.ContractError, match="missing"):
+        c.read_contract(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"version": 0}, "version"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"std": (0.5, 0.0, 0.5)}, "mean/std"),
+        ({"output_names": ("score", "logits")}, "tensor names"),
+        ({"training": {"saliency": "guessed"}}, "training.saliency"),
+        ({"name": "a/b"}, "name"),
+    ],
+)
+def test_validation_names_the_problem(changes, message):
+    with pytest.raises(c.ContractError, match=message):
+        make_contract(**changes).validate()
+
+
+def test_unknown_keys_and_bad_json_are_refused(tmp_path):
+    data = dataclasses.asdict(make_contract())
+    data["surprise"] = 1
+    (tmp_path / c.CONTRACT_FILE).write_text(json.dumps(data))
+    with pytest.raises(c.ContractError, match="surprise"):
+        c.read_contract(tmp_path, verify=False)
+    (tmp_path / c.CONTRACT_FILE).write_text("{not json")
+    with pytest.raises(c.ContractError, match="unreadable"):
+        c.read_contract(tmp_path, verify=False)
+    with pytest.raises(c.ContractError, match="no model.json"):
+        c.read_contract(tmp_path / "absent")
