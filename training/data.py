@@ -1,0 +1,278 @@
+"""Training data: both layouts -> samples (image path, label, split, source, map path) -> tensors.
+
+Two layouts are read by `discover`:
+
+- the authors' CSV: rows `split,class,path[,source]` (optional header), the path appended to the data
+  root (a leading "/" is allowed), heatmaps matched by file name in a separate folder;
+- a plain folder: DATA/real/ and DATA/fake/ (sub-folders are sources, e.g. generators), optional
+  DATA/maps/ with the same file names; or DATA/train/, DATA/val/, DATA/test/ each laid out that way.
+
+`split_samples` holds a seeded, label-stratified validation set out of the training split when the
+data has none. `FaceDataset` prepares images through `serving.images` (exactly as the server does)
+and maps through `training.saliency.prepare_map`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from cyborg.errors import UserError
+from serving.contract import CLASS_NAMES, FAKE_INDEX
+from serving.images import read_image, to_model_input
+from training.saliency import prepare_map, read_provenance
+
+log = logging.getLogger(__name__)
+
+LABELS = {name: index for index, name in enumerate(CLASS_NAMES)}  # {"real": 0, "fake": 1}
+REAL_INDEX = LABELS[CLASS_NAMES[1 - FAKE_INDEX]]
+# Class names accepted in a CSV (any case): the authors write Real / Synthetic.
+CSV_CLASS_NAMES = {"real": REAL_INDEX, "synthetic": FAKE_INDEX, "fake": FAKE_INDEX}
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+MAPS_FOLDER = "maps"
+MAX_NAMED = 5  # how many file names an error message lists
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 real, 1 fake (serving.contract.CLASS_NAMES order)
+    split: str  # "train" | "val" | "test"
+    source: str  # generator / collection, for per-source evaluation
+    map_path: Path | None = None
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def name_list(items: Sequence[object], limit: int = MAX_NAMED) -> str:
+    """'a, b, c (and 7 more)': at most `limit` items named."""
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def index_maps(folder: Path | None) -> dict[str, Path]:
+    """Map files in `folder` (recursively) by file name; the first in sorted order wins a clash."""
+    if folder is None:
+        return {}
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        if is_image_file(path):
+            found.setdefault(path.name, path)
+    return found
+
+
+def parse_class(value: str, where: str) -> int:
+    label = CSV_CLASS_NAMES.get(value.strip().lower())
+    if label is None:
+        valid = ", ".join(name.capitalize() for name in CSV_CLASS_NAMES)
+        raise UserError(f"{where}: unknown class {value.strip()!r}; valid classes (any case): {valid}")
+    return label
+
+
+def parse_split(value: str, where: str) -> str:
+    split = SPLIT_ALIASES.get(value.strip().lower())
+    if split is None:
+        raise UserError(f"{where}: unknown split {value.strip()!r}; valid splits (any case): {', '.join(SPLIT_ALIASES)}")
+    return split
+
+
+def read_csv(data: Path, csv_path: Path, heatmaps: Path | None) -> list[Sample]:
+    """Samples from the authors' CSV layout (paths are not checked here; see FaceDataset and data check)."""
+    try:
+        with open(csv_path, newline="") as handle:
+            rows = list(csv.reader(handle))
+    except OSError as error:
+        raise UserError(f"--csv {csv_path}: cannot read ({error.strerror})") from error
+    maps = index_maps(heatmaps)
+    samples = []
+    for number, row in enumerate(rows, start=1):
+        cells = [cell.strip() for cell in row]
+        if not any(cells) or cells[0].startswith("#"):
+            continue
+        where = f"{csv_path}:{number}"
+        if number == 1 and cells[0].lower() == "split":
+            continue  # header
+        if len(cells) not in (3, 4) or not cells[2]:
+            raise UserError(f"{where}: expected 'split,class,path[,source]', got {','.join(row)!r}")
+        split, label = parse_split(cells[0], where), parse_class(cells[1], where)
+        path = data / cells[2].replace("\\", "/").lstrip("/")
+        source = cells[3] if len(cells) == 4 and cells[3] else path.parent.name
+        samples.append(Sample(path, label, split, source, maps.get(path.name)))
+    return samples
+
+
+def read_plain(folder: Path, split: str, maps: dict[str, Path]) -> list[Sample]:
+    """Samples from folder/real/ and folder/fake/; sub-folders name the source."""
+    samples = []
+    for name, label in LABELS.items():
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        for path in sorted(class_dir.rglob("*")):
+            if not is_image_file(path):
+                continue
+            relative = path.relative_to(class_dir).parts
+            source = relative[0] if len(relative) > 1 else name
+            samples.append(Sample(path, label, split, source, maps.get(path.name)))
+    return samples
+
+
+def discover(
+    data: str | os.PathLike[str],
+    csv: str | os.PathLike[str] | None = None,
+    heatmaps: str | os.PathLike[str] | None = None,
+) -> list[Sample]:
+    """Every sample of a data set in either layout; UserError when the layout is not recognised."""
+    data = Path(data)
+    if not data.is_dir():
+        raise UserError(f"{data}: data folder not found")
+    heatmaps_dir = Path(heatmaps) if heatmaps is not None else None
+    if heatmaps_dir is not None and not heatmaps_dir.is_dir():
+        raise UserError(f"--heatmaps {heatmaps_dir}: folder not found")
+    if csv is not None:
+        samples = read_csv(data, Path(csv), heatmaps_dir)
+        if not samples:
+            raise UserError(f"--csv {csv}: no rows")
+        return samples
+    split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in sorted(data.iterdir()) if p.is_dir() and p.name.lower() in SPLIT_ALIASES}
+    folders = split_dirs if split_dirs else {"train": data}
+    samples = []
+    for split, folder in folders.items():
+        maps_dir = heatmaps_dir or (folder / MAPS_FOLDER if (folder / MAPS_FOLDER).is_dir() else None)
+        samples += read_plain(folder, split, index_maps(maps_dir))
+    if not samples:
+        raise UserError(
+            f"{data}: no images found; expected real/ and fake/ folders (optionally inside train/, val/, test/), "
+            "or the authors' layout with --csv FILE"
+        )
+    return samples
+
+
+def split_samples(samples: Iterable[Sample], val_fraction: float, seed: int) -> dict[str, list[Sample]]:
+    """{"train", "val", "test"} lists. Explicit val samples are kept; otherwise a seeded hold-out of
+    `val_fraction` of each label's training samples becomes val (deterministic, input order irrelevant).
+    """
+    samples = sorted(samples, key=lambda s: (SPLITS.index(s.split), s.label, str(s.path)))
+    splits: dict[str, list[Sample]] = {name: [s for s in samples if s.split == name] for name in SPLITS}
+    if splits["val"] or val_fraction <= 0:
+        return splits
+    train, val = [], []
+    rng = random.Random(seed)
+    for label in sorted({s.label for s in splits["train"]}):
+        group = [s for s in splits["train"] if s.label == label]
+        rng.shuffle(group)
+        count = min(len(group) - 1, max(1, round(len(group) * val_fraction))) if len(group) > 1 else 0
+        val += [dataclasses.replace(s, split="val") for s in group[:count]]
+        train += group[count:]
+    order = lambda s: (s.label, str(s.path))  # noqa: E731
+    splits["train"], splits["val"] = sorted(train, key=order), sorted(val, key=order)
+    return splits
+
+
+def check_opens(path: Path) -> str | None:
+    """None if PIL can read the file's header, else the reason."""
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018  (header parsed by open)
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"unreadable ({error})"
+    return None
+
+
+class FaceDataset(torch.utils.data.Dataset):
+    """Samples as model inputs: uint8 [3, H, W] images, labels and maps on the CAM grid."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int | tuple[int, int],
+        cam_grid: tuple[int, int],
+        skip_unreadable: bool = False,
+    ):
+        self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.cam_grid = (int(cam_grid[0]), int(cam_grid[1]))
+        problems = []
+        kept = []
+        for sample in samples:
+            reason = check_opens(sample.path)
+            if reason is None and sample.map_path is not None:
+                map_reason = check_opens(sample.map_path)
+                reason = f"map {sample.map_path} {map_reason}" if map_reason else None
+            if reason is None:
+                kept.append(sample)
+            else:
+                problems.append(f"{sample.path} ({reason})")
+        if problems:
+            summary = f"{len(problems)} unreadable image(s) or map(s): {name_list(problems)}"
+            if not skip_unreadable:
+                raise UserError(f"{summary}; fix or remove them, or pass --skip-unreadable")
+            log.warning("skipping %s", summary)
+        if not kept:
+            raise UserError("no usable images")
+        self.samples = kept
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        image = to_model_input(read_image(sample.path), self.height, self.width)  # ImageError names the file
+        if sample.map_path is not None:
+            saliency = torch.from_numpy(prepare_map(sample.map_path, self.cam_grid))
+        else:
+            saliency = torch.zeros(self.cam_grid, dtype=torch.float32)
+        return {
+            "image": torch.from_numpy(image),
+            "label": torch.tensor(sample.label, dtype=torch.long),
+            "saliency": saliency,
+            "has_saliency": torch.tensor(sample.map_path is not None),
+            "index": torch.tensor(index, dtype=torch.long),
+        }
+
+
+def saliency_provenance(samples_or_heatmaps_dir: Iterable[Sample] | str | os.PathLike[str] | None) -> str:
+    """"human", "proxy" or "none": "proxy" when a maps folder holds the PROVENANCE.json that
+    `cyborg saliency prior` writes, "none" when no sample has a map (or the folder holds no map)."""
+    if samples_or_heatmaps_dir is None:
+        return "none"
+    if isinstance(samples_or_heatmaps_dir, (str, os.PathLike)):
+        folder = Path(samples_or_heatmaps_dir)
+        if not folder.is_dir():
+            return "none"
+        folders = {folder} if index_maps(folder) else set()
+    else:
+        folders = {s.map_path.parent for s in samples_or_heatmaps_dir if s.map_path is not None}
+    if not folders:
+        return "none"
+    for folder in folders:
+        provenance = read_provenance(folder)
+        if provenance is not None and provenance.get("source") != "human":
+            return "proxy"
+    return "human"
+
+
+def summarise(samples: Sequence[Sample]) -> dict[str, dict[str, int]]:
+    """Counts per split, class and source: {"train": {"real": 8, "fake": 8, "fake/stylegan": 4, ...}}."""
+    counts: dict[str, dict[str, int]] = {}
+    for sample in samples:
+        split = counts.setdefault(sample.split, {})
+        name = CLASS_NAMES[sample.label]
+        split[name] = split.get(name, 0) + 1
+        key = f"{name}/{sample.source}"
+        split[key] = split.get(key, 0) + 1
+    return counts
+

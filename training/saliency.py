@@ -1,0 +1,105 @@
+"""Saliency maps: human-map preparation as the paper does it, and proxy maps for data without them.
+
+A human map is a grayscale image with the image's file name in a heatmaps folder; it is resized to
+the CAM grid and min-max normalised (`prepare_map`). A constant map carries no information: it
+becomes all zeros (never NaN) and `map_stats` reports it.
+
+Proxy maps (`face_part_template`, `write_proxy_maps`) mark the eyes, nose and mouth of FFHQ-aligned
+faces; the folder they are written to holds PROVENANCE.json so every run that uses them records
+that its maps are proxies, never human.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cyborg.errors import UserError
+
+PROVENANCE_FILE = "PROVENANCE.json"
+CONSTANT_RANGE = 1e-6  # a map whose max - min (in [0, 1] units) is below this is constant
+
+
+class MapError(UserError):
+    """A saliency map that cannot be read."""
+
+
+def load_map(source: str | os.PathLike[str] | Image.Image) -> np.ndarray:
+    """A map as float32 [H, W] in [0, 1] from a file or a PIL image (any mode becomes grayscale)."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        try:
+            with Image.open(source) as opened:
+                opened.load()
+                image = opened.copy()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise MapError(f"{source}: unreadable saliency map ({error})") from error
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        high = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return np.clip(array / high, 0.0, 1.0)
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        image = image.convert("RGBA").convert("RGB")
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def min_max(array: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1]; a constant array becomes zeros (never NaN)."""
+    array = np.asarray(array, dtype=np.float32)
+    low, high = float(array.min()), float(array.max())
+    if high - low < CONSTANT_RANGE:
+        return np.zeros_like(array, dtype=np.float32)
+    return ((array - low) / (high - low)).astype(np.float32)
+
+
+def is_constant(array: np.ndarray) -> bool:
+    return float(np.max(array) - np.min(array)) < CONSTANT_RANGE
+
+
+def prepare_map(source: str | os.PathLike[str] | Image.Image | np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The paper's preparation: grayscale, resize to the CAM grid (h, w), min-max -> float32 [h, w].
+
+    The resize is bilinear with antialiasing (PIL), so a 224-px map becomes the mean of its cells'
+    neighbourhoods rather than a few sampled pixels. A constant map gives zeros.
+    """
+    height, width = int(grid[0]), int(grid[1])
+    array = np.asarray(source, dtype=np.float32) if isinstance(source, np.ndarray) else load_map(source)
+    if array.shape != (height, width):
+        resized = Image.fromarray(array.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+        array = np.asarray(resized, dtype=np.float32)
+    return min_max(array)
+
+
+@dataclass(frozen=True)
+class MapStats:
+    """What `cyborg data check` needs to know about one map file."""
+
+    size: tuple[int, int]  # (width, height), as PIL reports it
+    constant: bool
+
+
+def map_stats(path: str | os.PathLike[str]) -> MapStats:
+    """Size and constancy of a map file; MapError if it cannot be read."""
+    array = load_map(path)
+    return MapStats(size=(array.shape[1], array.shape[0]), constant=is_constant(array))
+
+
+def read_provenance(maps_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The PROVENANCE.json of a maps folder, or None when it has none (human maps)."""
+    path = Path(maps_dir) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: unreadable provenance file ({error})") from error
+    if not isinstance(data, dict) or "source" not in data:
+        raise UserError(f"{path}: provenance file must be a JSON object with a 'source' key")
+    return data
