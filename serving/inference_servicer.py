@@ -1,0 +1,193 @@
+"""The Open Inference Protocol (KServe v2, `inference.GRPCInferenceService`) over the data plane.
+
+Wire messages in, `DataPlane` calls, wire messages out: nothing else. Tensor names and the model's
+input size come from the model contract; errors are raised as `serving.errors` types and turned
+into status codes by the server's error interceptor, like every other protocol.
+
+The message classes are built in a private descriptor pool from the descriptor that protoc wrote
+into `serving/proto/inference/grpc_service_pb2.py`, which is read, not imported: tritonclient
+registers the same `inference.*` names in protobuf's default pool, and a process that holds both
+(a test, an application that embeds the server and calls it with tritonclient) would fail at
+import with "duplicate symbol". The wire format is identical either way.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+
+from cyborg import __version__
+from serving import contract as c
+from serving.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from serving.dataplane import DataPlane
+
+SERVICE = "inference.GRPCInferenceService"
+SERVER_NAME = "cyborg"
+PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX models
+GENERATED = Path(__file__).parent / "proto" / "inference" / "grpc_service_pb2.py"
+MESSAGES = (
+    "ServerLiveRequest", "ServerLiveResponse", "ServerReadyRequest", "ServerReadyResponse",
+    "ModelReadyRequest", "ModelReadyResponse", "ServerMetadataRequest", "ServerMetadataResponse",
+    "ModelMetadataRequest", "ModelMetadataResponse", "ModelInferRequest", "ModelInferResponse",
+)  # fmt: skip
+
+# KServe v2 datatype names <-> numpy dtypes (little-endian on the wire).
+DATATYPES = {
+    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}  # fmt: skip
+INPUT_DATATYPE = "UINT8"
+OUTPUT_DATATYPE = "FP32"
+
+
+def serialized_descriptor(path: Path = GENERATED) -> bytes:
+    """The FileDescriptorProto bytes protoc embedded in a generated `_pb2.py` (found, not executed)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile":
+            return ast.literal_eval(node.args[0])
+    raise RuntimeError(f"{path}: no serialized descriptor; run `python -m serving.proto.generate`")
+
+
+@functools.cache
+def messages() -> SimpleNamespace:
+    """The protocol's message classes, from a private descriptor pool (see the module docstring)."""
+    from google.protobuf import descriptor_pool, message_factory
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(serialized_descriptor())
+    package = pool.FindServiceByName(SERVICE).file.package
+    return SimpleNamespace(
+        **{name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}")) for name in MESSAGES}
+    )
+
+
+def parse_version(text: str) -> int:
+    """A wire version string ("" = latest) as the data plane's int (0 = latest)."""
+    if not text:
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidArgument(f"model version {text!r}: expected a positive integer or empty for the latest")
+    return int(text)
+
+
+def output_shapes(contract: c.ModelContract) -> dict[str, list[int]]:
+    """Output shapes with -1 for the batch dimension."""
+    return {c.SCORE_OUTPUT: [-1], c.LOGITS_OUTPUT: [-1, len(contract.class_names)], c.CAM_OUTPUT: [-1, *contract.cam_shape]}
+
+
+def input_images(request, contract: c.ModelContract) -> np.ndarray:
+    """The request's single `images` input as uint8 [B,3,H,W]; InvalidArgument naming any problem."""
+    names = [tensor.name for tensor in request.inputs]
+    if names != [contract.input_name]:
+        raise InvalidArgument(f"inputs {names}: model {contract.name!r} takes exactly one input {contract.input_name!r}")
+    tensor = request.inputs[0]
+    where = f"input {tensor.name!r}"
+    if tensor.datatype != INPUT_DATATYPE:
+        raise InvalidArgument(f"{where}: datatype {tensor.datatype or '(none)'}, expected {INPUT_DATATYPE}")
+    shape = list(tensor.shape)
+    expected = [-1, *contract.input_shape]
+    if len(shape) != 4 or shape[0] < 1 or shape[1:] != expected[1:]:
+        raise InvalidArgument(f"{where}: shape {shape}, expected {expected} (uint8 NCHW at the model's input size)")
+    count = math.prod(shape)
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidArgument(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
+        if tensor.HasField("contents"):
+            raise InvalidArgument(f"{where}: both contents and raw_input_contents given")
+        raw = request.raw_input_contents[0]
+        if len(raw) != count:
+            raise InvalidArgument(f"{where}: {len(raw)} bytes of raw content, shape {shape} of UINT8 needs {count}")
+        return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+    values = tensor.contents.uint_contents
+    if len(values) != count:
+        raise InvalidArgument(f"{where}: {len(values)} values in contents.uint_contents, shape {shape} needs {count}")
+    array = np.asarray(values, dtype=np.uint32)
+    if array.size and int(array.max()) > 255:
+        raise InvalidArgument(f"{where}: value {int(array.max())} in contents does not fit UINT8")
+    return array.astype(np.uint8).reshape(shape)
+
+
+def requested_outputs(request, contract: c.ModelContract) -> list[str]:
+    names = [output.name for output in request.outputs] or list(contract.output_names)
+    unknown = [name for name in names if name not in contract.output_names]
+    if unknown:
+        raise InvalidArgument(f"outputs {unknown}: model {contract.name!r} has {list(contract.output_names)}")
+    return names
+
+
+class InferenceServicer:
+    """`inference.GRPCInferenceService` methods as grpc.aio behaviours over a `DataPlane`."""
+
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+        self.m = messages()
+
+    async def ServerLive(self, request, context):
+        return self.m.ServerLiveResponse(live=self.dataplane.live())
+
+    async def ServerReady(self, request, context):
+        return self.m.ServerReadyResponse(ready=self.dataplane.ready())
+
+    async def ModelReady(self, request, context):
+        version = parse_version(request.version)
+        return self.m.ModelReadyResponse(ready=bool(request.name) and self.dataplane.model_ready(request.name, version))
+
+    async def ServerMetadata(self, request, context):
+        return self.m.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
+
+    async def ModelMetadata(self, request, context):
+        contract = self.dataplane.contract(request.name, parse_version(request.version))
+        versions = sorted({m.version for m in self.dataplane.models() if m.name == contract.name})
+        response = self.m.ModelMetadataResponse(name=contract.name, versions=[str(v) for v in versions], platform=PLATFORM)
+        response.inputs.add(name=contract.input_name, datatype=INPUT_DATATYPE, shape=[-1, *contract.input_shape])
+        for name, shape in output_shapes(contract).items():
+            response.outputs.add(name=name, datatype=OUTPUT_DATATYPE, shape=shape)
+        return response
+
+    async def ModelInfer(self, request, context):
+        version = parse_version(request.model_version)
+        contract = self.dataplane.contract(request.model_name, version)
+        images = input_images(request, contract)
+        names = requested_outputs(request, contract)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        outputs = await self.dataplane.infer(contract.name, version, images, deadline)
+        response = self.m.ModelInferResponse(model_name=contract.name, model_version=str(contract.version), id=request.id)
+        for name in names:
+            array = np.ascontiguousarray(outputs[name], dtype=DATATYPES[OUTPUT_DATATYPE])
+            response.outputs.add(name=name, datatype=OUTPUT_DATATYPE, shape=list(array.shape))
+            response.raw_output_contents.append(array.tobytes())
+        return response
+
+
+def handler(dataplane: DataPlane) -> grpc.GenericRpcHandler:
+    """A generic handler serving every method of `SERVICE` (what `add_to_server` registers)."""
+    servicer = InferenceServicer(dataplane)
+    m = servicer.m
+    methods = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=getattr(m, f"{name}Request").FromString,
+            response_serializer=getattr(m, f"{name}Response").SerializeToString,
+        )
+        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+def add_to_server(server: grpc.aio.Server, dataplane: DataPlane) -> str:
+    """Register the protocol on `server`; returns the full service name (for health and reflection)."""
+    server.add_generic_rpc_handlers((handler(dataplane),))
+    return SERVICE
