@@ -1,0 +1,195 @@
+"""The data plane: detection and raw inference on internal types, no wire protocol.
+
+Servicers (Detector, Open Inference Protocol) convert wire messages to `DetectRequest` or raw
+arrays, call a `DataPlane`, and convert the results back; nothing here knows about protobuf.
+Decoding, resizing and heatmap rendering run on a worker pool; inference goes through the
+model's dynamic batcher; every outcome is counted in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from concurrent.futures import Executor
+
+import numpy as np
+from PIL import Image
+
+from serving import heatmaps
+from serving.contract import CAM_OUTPUT, SCORE_OUTPUT, ModelContract
+from serving.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, reason_of  # noqa: F401 (re-exported)
+from serving.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MIN_SIDE, decode_image, to_model_input
+from serving.metrics import Metrics
+from serving.repository import ModelRepository
+
+HEATMAP_KINDS = ("none", "grid", "png", "overlay")
+
+
+@dataclasses.dataclass
+class DetectRequest:
+    """One image to score: encoded bytes or a uint8 tensor ([3,H,W] or [H,W,3], any H and W)."""
+
+    image: bytes | None = None
+    tensor: np.ndarray | None = None
+    model: str = ""  # "" -> the default model
+    version: int = 0  # 0 -> the latest loaded version
+    heatmap: str = "none"  # none | grid | png | overlay
+    deadline: float | None = None  # time.monotonic() deadline
+
+
+@dataclasses.dataclass
+class DetectResult:
+    model: str
+    version: int
+    score: float
+    label: str
+    threshold: float
+    cam: np.ndarray  # float32 [h, w] in [0, 1], the model's CAM (returned for every heatmap kind)
+    heatmap_png: bytes | None = None  # png / overlay: PNG at the image's size
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # decode_ms, queue_ms, compute_ms, total_ms
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_image_bytes: int = DEFAULT_MAX_BYTES
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+
+
+class DataPlane:
+    """Protocol-free serving API over a model repository."""
+
+    def __init__(self, repository: ModelRepository, pool: Executor, metrics: Metrics, limits: Limits = Limits()):
+        self.repository = repository
+        self.pool = pool
+        self.metrics = metrics
+        self.limits = limits
+        self._live = True
+
+    # ---- health and metadata -------------------------------------------------------------
+    def live(self) -> bool:
+        return self._live
+
+    def ready(self) -> bool:
+        return self._live and self.repository.ready()
+
+    def model_ready(self, name: str, version: int = 0) -> bool:
+        try:
+            self.repository.get(name, version)
+        except Exception:  # noqa: BLE001 - not found or not ready both mean "no"
+            return False
+        return True
+
+    def contract(self, name: str = "", version: int = 0) -> ModelContract:
+        """The contract of a loaded model version; raises ModelNotFound."""
+        return self.repository.get(name, version).contract
+
+    def models(self) -> list[ModelContract]:
+        return [model.contract for model in self.repository.loaded()]
+
+    async def reload(self):
+        """Rescan the repository now; returns the repository's ReloadReport."""
+        return await self.repository.reload()
+
+    def shutdown(self) -> None:
+        """Stop reporting live (graceful shutdown has begun)."""
+        self._live = False
+
+    # ---- inference -----------------------------------------------------------------------
+    async def detect(self, request: DetectRequest) -> DetectResult:
+        started = time.perf_counter()
+        model = self.repository.get(request.model, request.version)
+        labels = (model.contract.name, str(model.contract.version))
+        try:
+            if request.heatmap not in HEATMAP_KINDS:
+                raise InvalidArgument(f"heatmap {request.heatmap!r}: one of {', '.join(HEATMAP_KINDS)}")
+            with model.use():
+                loop = asyncio.get_running_loop()
+                contract = model.contract
+                picture, images = await loop.run_in_executor(self.pool, self._prepare, request, contract)
+                decoded = time.perf_counter()
+                result = await model.batcher.submit(images, request.deadline)
+                score = float(result.outputs[SCORE_OUTPUT][0])
+                cam = np.asarray(result.outputs[CAM_OUTPUT][0], dtype=np.float32)
+                png = None
+                if request.heatmap in ("png", "overlay"):
+                    png = await loop.run_in_executor(self.pool, heatmaps.render, request.heatmap, cam, picture)
+        except BaseException as error:
+            self.metrics.request_failed(*labels, reason_of(error) if isinstance(error, Exception) else "cancelled")
+            raise
+        total = time.perf_counter() - started
+        self.metrics.request_succeeded(*labels, total)
+        return DetectResult(
+            model=contract.name,
+            version=contract.version,
+            score=score,
+            label=contract.label(score),
+            threshold=float(contract.threshold),
+            cam=cam,
+            heatmap_png=png,
+            timings={
+                "decode_ms": (decoded - started) * 1e3,
+                "queue_ms": result.queue_ms,
+                "compute_ms": result.compute_ms,
+                "total_ms": total * 1e3,
+            },
+        )
+
+    async def detect_many(self, requests: list[DetectRequest]) -> list[DetectResult | Exception]:
+        """Detect each request independently: one bad item does not fail the others."""
+        results = await asyncio.gather(*(self.detect(r) for r in requests), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result  # cancellation and the like are not per-item errors
+        return list(results)
+
+    async def infer(self, name: str, version: int, images: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Raw inference: uint8 [B,3,H,W] at the model's input size -> {"score", "logits", "cam"}."""
+        started = time.perf_counter()
+        model = self.repository.get(name, version)
+        labels = (model.contract.name, str(model.contract.version))
+        try:
+            expected = model.contract.input_shape
+            if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+                raise InvalidArgument(f"input dtype {getattr(images, 'dtype', type(images).__name__)}: expected uint8")
+            if images.ndim != 4 or tuple(images.shape[1:]) != expected or images.shape[0] < 1:
+                raise InvalidArgument(f"input shape {list(images.shape)}: expected [B, {', '.join(map(str, expected))}]")
+            with model.use():
+                result = await model.batcher.submit(np.ascontiguousarray(images), deadline)
+        except BaseException as error:
+            self.metrics.request_failed(*labels, reason_of(error) if isinstance(error, Exception) else "cancelled")
+            raise
+        self.metrics.request_succeeded(*labels, time.perf_counter() - started)
+        return result.outputs
+
+    # ---- worker-pool steps ---------------------------------------------------------------
+    def _prepare(self, request: DetectRequest, contract: ModelContract) -> tuple[np.ndarray, np.ndarray]:
+        """(picture HxWx3 uint8 as received, model input uint8 [1,3,H,W]) for one request."""
+        if (request.image is None) == (request.tensor is None):
+            raise InvalidArgument("a request needs exactly one of an encoded image or a tensor")
+        if request.image is not None:
+            image = decode_image(
+                request.image,
+                name="image",
+                max_bytes=self.limits.max_image_bytes,
+                max_pixels=self.limits.max_image_pixels,
+            )
+        else:
+            image = Image.fromarray(tensor_to_hwc(request.tensor, self.limits.max_image_pixels))
+        picture = np.asarray(image)
+        return picture, to_model_input(image, contract.input_height, contract.input_width)[None]
+
+
+def tensor_to_hwc(tensor: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Validate a uint8 RGB tensor given as [3,H,W] or [H,W,3] and return it as [H,W,3]."""
+    if tensor.dtype != np.uint8:
+        raise InvalidArgument(f"tensor dtype {tensor.dtype}: expected uint8")
+    if tensor.ndim != 3 or 3 not in (tensor.shape[0], tensor.shape[2]):
+        raise InvalidArgument(f"tensor shape {list(tensor.shape)}: expected [3, H, W] or [H, W, 3]")
+    hwc = tensor.transpose(1, 2, 0) if tensor.shape[0] == 3 else tensor
+    height, width = hwc.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise InvalidArgument(f"tensor {height}x{width} is too small (at least {MIN_SIDE} pixels a side)")
+    if height * width > max_pixels:
+        raise InvalidArgument(f"tensor {height}x{width} pixels is over the {max_pixels}-pixel limit")
+    return np.ascontiguousarray(hwc)

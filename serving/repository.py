@@ -1,0 +1,306 @@
+"""The model repository: `<root>/<name>/<version>/model.onnx + model.json` (Triton's layout).
+
+Every model under the root is served at its newest version that loads (Triton's default "latest
+1" policy). `reload()` rescans: a new or changed version is loaded and warmed off the event loop
+before it replaces the old one, which is unloaded once its in-flight requests finish; a version that
+fails (bad checksum, corrupt ONNX, bad model.json, wrong outputs) is logged, counted in
+`cyborg_model_load_failure` and skipped, and the old version keeps serving. A folder without
+model.json yet (an export in progress) is left alone until it has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from serving.batcher import Batcher
+from serving.contract import CONTRACT_FILE, ONNX_FILE, OUTPUT_NAMES, TENSORRT_FILE, ModelContract, read_contract
+from serving.errors import ModelNotFound, ModelNotReady
+from serving.metrics import Metrics
+from serving.runtime import Backend, load_backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RepositorySettings:
+    backend: str = "auto"
+    device: str = "auto"
+    intra_op_threads: int = 0
+    max_batch_size: int | None = None  # None: the model's model.json "batching"
+    max_queue_delay_ms: float | None = None
+    max_queue_size: int | None = None
+    max_inflight_batches: int = 1
+    default_model: str = ""
+
+
+@dataclasses.dataclass
+class VersionStatus:
+    name: str
+    version: int
+    state: str  # READY | UNAVAILABLE (failed) | UNLOADED (older or not chosen) | INCOMPLETE (no model.json yet)
+    error: str = ""
+    contract: ModelContract | None = None
+
+
+@dataclasses.dataclass
+class ReloadReport:
+    loaded: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    unloaded: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    failed: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
+
+
+def scan(root: str | os.PathLike[str]) -> dict[str, list[tuple[int, Path]]]:
+    """{model name: [(version, folder), ...] newest first} for the repository at root."""
+    root = Path(root)
+    found: dict[str, list[tuple[int, Path]]] = {}
+    if not root.is_dir():
+        return found
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = [(int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0]
+        if versions:
+            found[model_dir.name] = sorted(versions, reverse=True)
+    return found
+
+
+def signature(folder: Path) -> tuple:
+    """What changes when a version folder's files are rewritten."""
+    stats = []
+    for name in (CONTRACT_FILE, ONNX_FILE, TENSORRT_FILE):
+        try:
+            stat = (folder / name).stat()
+            stats.append((name, stat.st_mtime_ns, stat.st_size))
+        except FileNotFoundError:
+            pass
+    return tuple(stats)
+
+
+def check_folder(folder: Path, contract: ModelContract) -> None:
+    """A contract must match the folder it sits in (`<name>/<version>`)."""
+    from serving.contract import ContractError
+
+    if contract.name != folder.parent.name or contract.version != int(folder.name):
+        raise ContractError(
+            f"{folder / CONTRACT_FILE}: says {contract.name!r} v{contract.version} but sits in {folder.parent.name}/{folder.name}"
+        )
+
+
+class LoadedModel:
+    """One loaded, warmed model version with its batcher; counts requests using it."""
+
+    def __init__(self, contract: ModelContract, folder: Path, backend: Backend, batcher: Batcher, sig: tuple):
+        self.contract = contract
+        self.folder = folder
+        self.backend = backend
+        self.batcher = batcher
+        self.signature = sig
+        self._users = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.contract.name, self.contract.version)
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[LoadedModel]:
+        """Hold the model while a request uses it; unloading waits for every holder."""
+        self._users += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._users -= 1
+            if self._users == 0:
+                self._idle.set()
+
+    async def unload(self) -> None:
+        await self._idle.wait()
+        await self.batcher.close()
+
+
+class ModelRepository:
+    """Loads, serves and reloads every model under a repository root."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        settings: RepositorySettings = RepositorySettings(),
+        metrics: Metrics | None = None,
+        on_change: Callable[[ModelRepository], None] | None = None,
+    ):
+        self.root = Path(root)
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.on_change = on_change
+        self._models: dict[str, LoadedModel] = {}
+        self._failed: dict[tuple[str, int], tuple[tuple, str]] = {}  # (name, version) -> (signature, error)
+        self._known: dict[str, list[tuple[int, Path]]] = {}
+        self._lock = asyncio.Lock()
+        self._loaded_once = False
+        self._poller: asyncio.Task | None = None
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def default_name(self) -> str:
+        if self.settings.default_model:
+            return self.settings.default_model
+        names = sorted(self._models) or sorted(self._known)
+        return names[0] if names else ""
+
+    def ready(self) -> bool:
+        return self._loaded_once and bool(self._models)
+
+    def loaded(self) -> list[LoadedModel]:
+        return [self._models[name] for name in sorted(self._models)]
+
+    def get(self, name: str = "", version: int = 0) -> LoadedModel:
+        """The loaded model for a request; ModelNotFound / ModelNotReady name the problem."""
+        name = name or self.default_name
+        model = self._models.get(name)
+        if model is None:
+            if name in self._known:
+                errors = [f"v{v}: {e}" for (n, v), (_, e) in sorted(self._failed.items()) if n == name]
+                raise ModelNotReady(f"model {name!r} has no loaded version" + (f" ({'; '.join(errors)})" if errors else ""))
+            served = ", ".join(sorted(self._models)) or "none"
+            raise ModelNotFound(f"unknown model {name!r} (serving: {served})")
+        if version and version != model.contract.version:
+            raise ModelNotFound(f"model {name!r} version {version} is not served (serving version {model.contract.version})")
+        return model
+
+    def statuses(self) -> list[VersionStatus]:
+        """The state of every version folder, newest first per model."""
+        result = []
+        for name, versions in sorted(self._known.items()):
+            current = self._models.get(name)
+            for version, folder in versions:
+                if current is not None and current.contract.version == version:
+                    result.append(VersionStatus(name, version, "READY", contract=current.contract))
+                elif (name, version) in self._failed:
+                    result.append(VersionStatus(name, version, "UNAVAILABLE", self._failed[(name, version)][1]))
+                elif not (folder / CONTRACT_FILE).exists():
+                    result.append(VersionStatus(name, version, "INCOMPLETE", f"no {CONTRACT_FILE} yet"))
+                else:
+                    result.append(VersionStatus(name, version, "UNLOADED"))
+        return result
+
+    # ---- loading -------------------------------------------------------------------------
+    async def reload(self) -> ReloadReport:
+        """Rescan the root; load new versions before unloading old ones. Never raises for a bad model."""
+        async with self._lock:
+            report = ReloadReport()
+            self._known = await asyncio.to_thread(scan, self.root)
+            for name in sorted(set(self._known) | set(self._models)):
+                await self._reload_model(name, self._known.get(name, []), report)
+            self._loaded_once = True
+        if self.on_change is not None:
+            self.on_change(self)
+        if report.loaded or report.unloaded or report.failed:
+            log.info("repository reloaded", extra={"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed})
+        return report
+
+    async def _reload_model(self, name: str, versions: list[tuple[int, Path]], report: ReloadReport) -> None:
+        current = self._models.get(name)
+        chosen: LoadedModel | None = None
+        for version, folder in versions:
+            if not (folder / CONTRACT_FILE).exists():
+                continue  # an export still writing this version
+            sig = await asyncio.to_thread(signature, folder)
+            if current is not None and current.key == (name, version) and current.signature == sig:
+                chosen = current
+                break
+            failed = self._failed.get((name, version))
+            if failed is not None and failed[0] == sig:
+                continue  # already known broken, unchanged since
+            try:
+                chosen = await self._load(folder, sig)
+            except Exception as error:  # noqa: BLE001 - any failure leaves the old version serving
+                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                self._failed[(name, version)] = (sig, message)
+                self.metrics.load_failure.labels(name, str(version)).inc()
+                report.failed.append((name, version, message))
+                log.error("model %s v%s failed to load: %s", name, version, message, extra={"model": name, "version": version})
+                continue
+            self._failed.pop((name, version), None)
+            report.loaded.append((name, version))
+            log.info("model %s v%s loaded", name, version, extra={"model": name, "version": version, "backend": chosen.backend.name})
+            break
+        if chosen is current:
+            return
+        if chosen is None:
+            self._models.pop(name, None)
+        else:
+            self._models[name] = chosen
+            self.metrics.model_ready.labels(name, str(chosen.contract.version)).set(1)
+        if current is not None:
+            report.unloaded.append(current.key)
+            if chosen is None or chosen.contract.version != current.contract.version:
+                self.metrics.model_ready.labels(name, str(current.contract.version)).set(0)
+            await current.unload()
+            log.info("model %s v%s unloaded", *current.key, extra={"model": name, "version": current.contract.version})
+
+    async def _load(self, folder: Path, sig: tuple) -> LoadedModel:
+        contract, backend = await asyncio.to_thread(self._load_sync, folder)
+        batching = contract.batching
+        s = self.settings
+        labels = (contract.name, str(contract.version))
+        batcher = Batcher(
+            backend.run,
+            max_batch_size=s.max_batch_size or batching.max_batch_size,
+            max_queue_delay_ms=batching.max_queue_delay_ms if s.max_queue_delay_ms is None else s.max_queue_delay_ms,
+            max_queue_size=s.max_queue_size or batching.max_queue_size,
+            max_inflight=s.max_inflight_batches,
+            metrics=self.metrics,
+            labels=labels,
+        )
+        return LoadedModel(contract, folder, backend, batcher, sig)
+
+    def _load_sync(self, folder: Path) -> tuple[ModelContract, Backend]:
+        """Read and verify the contract, open the engine and warm it (runs on a thread)."""
+        contract = read_contract(folder, verify=True)
+        check_folder(folder, contract)
+        backend = load_backend(folder, contract, self.settings.backend, self.settings.device, self.settings.intra_op_threads)
+        warm(backend, contract, self.settings.max_batch_size or contract.batching.max_batch_size)
+        return contract, backend
+
+    # ---- polling and shutdown ------------------------------------------------------------
+    def start_polling(self, seconds: float) -> None:
+        if seconds > 0 and self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(seconds), name="repository-poll")
+
+    async def _poll(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self.reload()
+            except Exception:  # noqa: BLE001 - keep polling whatever happened
+                log.exception("repository poll failed")
+
+    async def close(self) -> None:
+        """Stop polling and unload every model once its requests finish."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        async with self._lock:
+            models, self._models = list(self._models.values()), {}
+            await asyncio.gather(*(model.unload() for model in models))
+
+
+def warm(backend: Backend, contract: ModelContract, max_batch_size: int) -> None:
+    """Run the engine at batch 1 and the largest batch; check output shapes against the contract."""
+    from serving.contract import ContractError
+
+    for batch in sorted({1, max_batch_size}):
+        outputs = backend.run(np.zeros((batch, *contract.input_shape), np.uint8))
+        expected = {OUTPUT_NAMES[0]: (batch,), OUTPUT_NAMES[1]: (batch, 2), OUTPUT_NAMES[2]: (batch, *contract.cam_shape)}
+        for name, shape in expected.items():
+            if tuple(outputs[name].shape) != shape:
+                raise ContractError(f"{contract.name} v{contract.version}: output {name} has shape {list(outputs[name].shape)}, model.json implies {list(shape)}")
