@@ -1,0 +1,69 @@
+"""Small backbones registered with timm, for tests and behavioural checks.
+
+`cyborg_local_tiny` keeps its features local: each cell of its final feature map sees only a
+10-pixel neighbourhood of its own 8x8 patch (stride 8), so evidence cannot travel across the
+image. FACTS.md explains why behavioural tests of CAM guidance need such a network: in deep
+backbones every final cell sees nearly the whole image. It follows timm's contract
+(`forward_features` -> unpooled map, `forward_head`, `get_classifier`, `reset_classifier`,
+`num_features`), so `create_classifier("cyborg_local_tiny")` works like any timm name.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models import register_model
+from torch import nn
+
+
+def _conv_block(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int = 0) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class LocalTinyNet(nn.Module):
+    """3x3 conv, a 4x4/4 patch conv, a 2x2/2 conv and a 1x1 conv: stride 8, receptive field 10 px."""
+
+    def __init__(self, num_classes: int = 2, in_chans: int = 3, width: int = 32, global_pool: str = "avg", **_: object):
+        super().__init__()
+        if global_pool != "avg":
+            raise ValueError(f"cyborg_local_tiny supports global_pool='avg' only, not {global_pool!r}")
+        self.num_classes = num_classes
+        self.num_features = 2 * width
+        self.features = nn.Sequential(
+            _conv_block(in_chans, width // 2, 3, 1, padding=1),
+            _conv_block(width // 2, width, 4, 4),
+            _conv_block(width, 2 * width, 2, 2),
+            _conv_block(2 * width, 2 * width, 1, 1),
+        )
+        self.head = nn.Linear(self.num_features, num_classes)
+        self.default_cfg = self.pretrained_cfg = {"input_size": (3, 32, 32), "classifier": "head"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model
+def cyborg_local_tiny(pretrained: bool = False, **kwargs) -> LocalTinyNet:
+    """A tiny local-features CNN (no pretrained weights)."""
+    if pretrained:
+        raise ValueError("cyborg_local_tiny has no pretrained weights")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return LocalTinyNet(**kwargs)

@@ -1,0 +1,423 @@
+"""Training: plain functions in the style of torchvision's classification reference.
+
+`fit(config)` runs a whole training: data, model, SGD + StepLR (the paper's recipe), one guidance
+method per step (`training.guidance`), validation AUC after every epoch, RUN_DIR/last.pt every
+epoch, RUN_DIR/best.pt when the validation AUC improves (never test data), RUN_DIR/metrics.jsonl
+one line per epoch. `resume=True` continues the run from last.pt and ends with the same weights as
+an uninterrupted run. Under torchrun it trains data-parallel (training.distributed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from cyborg.errors import UserError
+from training import distributed
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.distributed import DistInfo, unwrap
+from training.guidance import get_method
+from training.model import CamClassifier, cam_grid, create_classifier, default_image_size
+
+log = logging.getLogger(__name__)
+
+LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+# Settings a resumed run may change; any other change is reported (the run is then not the same run).
+RESUMABLE_CHANGES = ("epochs", "workers", "device", "out", "skip_unreadable", "data", "csv", "heatmaps")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the run stopped and last.pt holds the last good epoch."""
+
+
+@dataclasses.dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    saliency: str  # "human" | "proxy" | "none"
+    summary: dict[str, Any]
+    val_paths: list[str]
+    val_sources: list[str]
+
+
+# ---------------------------------------------------------------- setup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker init: derive numpy and random seeds from the worker's torch seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_data(config: TrainConfig, image_size: int, grid: tuple[int, int]) -> DataBundle:
+    """Train and validation datasets (validation: the data's own, else a seeded hold-out of train)."""
+    from training.data import FaceDataset, discover, saliency_provenance, split_samples, summarise
+
+    samples = discover(config.data, config.csv, config.heatmaps)
+    splits = split_samples(samples, config.val_fraction, config.seed)
+    for name in ("train", "val"):
+        if len({s.label for s in splits[name]}) < 2:
+            raise UserError(f"{config.data}: the {name} split needs both real and fake images (found {len(splits[name])} images)")
+    train = FaceDataset(splits["train"], image_size, grid, skip_unreadable=config.skip_unreadable)
+    val = FaceDataset(splits["val"], image_size, grid, skip_unreadable=config.skip_unreadable)
+    saliency = saliency_provenance(train.samples)
+    summary = {
+        "root": str(config.data),
+        "csv": config.csv,
+        "heatmaps": config.heatmaps,
+        "counts": summarise([*train.samples, *val.samples]),
+        "with_maps": {"train": sum(s.map_path is not None for s in train.samples), "val": sum(s.map_path is not None for s in val.samples)},
+        "sources": sorted({s.source for s in [*train.samples, *val.samples]}),
+    }
+    return DataBundle(
+        train=train,
+        val=val,
+        saliency=saliency,
+        summary=summary,
+        val_paths=[str(s.path) for s in val.samples],
+        val_sources=[s.source for s in val.samples],
+    )
+
+
+def build_model(config: TrainConfig, pretrained: bool = True) -> CamClassifier:
+    try:
+        model = create_classifier(config.arch)
+    except ValueError as error:
+        raise UserError(f"--arch {config.arch}: {error}") from error
+    if pretrained and config.weights != "none":
+        from training.weights import load_pretrained
+
+        log.info("weights: %s", load_pretrained(model, config.arch, config.weights))
+    return model
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+
+
+def train_loader(dataset: Dataset, config: TrainConfig, info: DistInfo) -> DataLoader:
+    """Shuffled batches whose order depends only on (seed, epoch): see `start_epoch`."""
+    sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=config.seed) if info.distributed else None
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=config.workers,
+        pin_memory=info.device.type == "cuda",
+        worker_init_fn=seed_worker,
+        generator=torch.Generator(),
+        persistent_workers=config.workers > 0,
+    )
+
+
+def start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Fix this epoch's shuffle and worker seeds, so a resumed run sees the same batches."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(seed * 1_000_003 + epoch)
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def autocast(device: torch.device, enabled: bool):
+    """fp16 autocast on CUDA when enabled; nothing on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
+    moved = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    if channels_last:
+        moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
+    return moved
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    info: DistInfo,
+    epoch: int,
+    progress: bool = True,
+) -> dict[str, float]:
+    """One pass over `loader`; returns mean loss, ce, guidance term, accuracy and images/s (all ranks)."""
+    from tqdm import tqdm
+
+    method = get_method(config.guidance)
+    use_cuda_tricks = info.device.type == "cuda"
+    model.train()
+    sums = {"loss": 0.0, "ce": 0.0, "guidance": 0.0, "correct": 0.0, "count": 0.0}
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
+    start = time.perf_counter()
+    for step, batch in enumerate(bar):
+        batch = to_device(batch, info.device, config.channels_last and use_cuda_tricks)
+        with autocast(info.device, config.amp):
+            result = method(model, batch, config)
+        if not distributed.all_finite(result.loss, info):
+            raise TrainingDiverged(
+                f"epoch {epoch + 1}, step {step + 1}: the loss became NaN or infinite ({result.loss.item()} on rank {info.rank})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(result.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        n = batch["label"].numel()
+        sums["loss"] += result.loss.detach().item() * n
+        sums["ce"] += result.ce.detach().item() * n
+        sums["guidance"] += float(result.guidance_term.detach()) * n
+        sums["correct"] += (result.logits.argmax(dim=1) == batch["label"]).sum().item()
+        sums["count"] += n
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(
+            loss=f"{sums['loss'] / sums['count']:.4f}",
+            acc=f"{sums['correct'] / sums['count']:.3f}",
+            img_s=f"{sums['count'] * info.world_size / max(elapsed, 1e-9):.1f}",
+        )
+    bar.close()
+    elapsed = time.perf_counter() - start
+    sums = distributed.reduce_sums(sums, info)
+    count = max(sums["count"], 1.0)
+    return {
+        "loss": sums["loss"] / count,
+        "ce": sums["ce"] / count,
+        "guidance": sums["guidance"] / count,
+        "accuracy": sums["correct"] / count,
+        "images_per_s": sums["count"] / max(elapsed, 1e-9),
+    }
+
+
+def validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, info: DistInfo) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Metrics and predictions on the validation set; each rank scores a shard, rank order restored."""
+    from training.evaluate import binary_metrics, predict
+
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
+    part = predict(unwrap(model), shard, batch_size=config.batch_size, device=info.device, workers=config.workers) if len(shard) else None
+    parts = [p for p in distributed.gather_objects(part, info) if p is not None]
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in ("indices", "labels", "scores")}
+    order = np.argsort(merged["indices"], kind="stable")
+    predictions = {key: value[order] for key, value in merged.items()}
+    return binary_metrics(predictions["labels"], predictions["scores"]), predictions
+
+
+# ---------------------------------------------------------------- the run
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl (one JSON object per epoch) plus TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path, history: list[dict[str, Any]]):
+        self.path = run_dir / METRICS
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--out {run_dir}: cannot create the run folder ({error.strerror})") from error
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in history))  # a resumed run drops stray lines
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.writer = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(key, value, row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def check_resumable(config: TrainConfig, state: dict[str, Any], path: Path) -> None:
+    saved = TrainConfig.from_dict(state["config"])
+    changed = [
+        f"{field.name} {getattr(saved, field.name)!r} -> {getattr(config, field.name)!r}"
+        for field in dataclasses.fields(TrainConfig)
+        if field.name not in RESUMABLE_CHANGES and getattr(saved, field.name) != getattr(config, field.name)
+    ]
+    if changed:
+        raise UserError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); use the same settings or a new --out")
+    if state["epoch"] >= config.epochs:
+        raise UserError(f"--resume: {path} already completed {state['epoch']} of {config.epochs} epochs (raise --epochs to train longer)")
+
+
+def fit(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train according to `config`; returns a summary (best epoch, its validation metrics, files)."""
+    config.validate()
+    if not config.out:
+        raise UserError("--out RUN_DIR is required")
+    info = distributed.init_distributed_mode(config.device)
+    try:
+        return _fit(config, resume, progress, info)
+    finally:
+        distributed.cleanup(info)
+
+
+def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> dict[str, Any]:
+    run_dir = Path(config.out)
+    last_path, best_path = run_dir / LAST, run_dir / BEST
+    state = None
+    if resume:
+        state = load_checkpoint(last_path)
+        check_resumable(config, state, last_path)
+    elif last_path.exists():
+        raise UserError(f"--out {run_dir}: already holds {LAST}; pass --resume to continue that run, or choose a new --out")
+
+    seed_everything(config.seed)
+    model = build_model(config, pretrained=state is None)
+    image_size = config.image_size or default_image_size(config.arch)
+    grid = cam_grid(model, image_size)
+    data = load_data(config, image_size, grid)
+    cuda = info.device.type == "cuda"
+    model.to(info.device)
+    if cuda and config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and config.amp)
+
+    start, best, history = 0, {"epoch": None, "val_auc": None}, []
+    if state is not None:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start, best, history = state["epoch"], dict(state["best"]), list(state["history"])
+        set_rng_state(state["rng"])
+        log.info("resuming %s at epoch %d of %d", last_path, start + 1, config.epochs)
+
+    ddp_model = distributed.wrap_model(model, info)
+    loader = train_loader(data.train, config, info)
+    metrics_log = MetricsLog(run_dir, history) if info.is_main else None
+    if info.is_main:
+        log.info(
+            "training %s (%s guidance, alpha %s, %s maps) on %d images, validating on %d; %s px, CAM %dx%d, device %s x%d",
+            config.arch, config.guidance, config.alpha, data.saliency, len(data.train), len(data.val),
+            image_size, grid[0], grid[1], info.device, info.world_size,
+        )  # fmt: skip
+    base_state = {
+        "config": config.to_dict(),
+        "mean": (unwrap(model).pixel_mean.flatten() / 255.0).tolist(),
+        "std": (unwrap(model).pixel_std.flatten() / 255.0).tolist(),
+        "image_size": image_size,
+        "cam_grid": list(grid),
+        "saliency": data.saliency,
+        "data": data.summary,
+    }
+    try:
+        for epoch in range(start, config.epochs):
+            start_epoch(loader, config.seed, epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            try:
+                train_stats = train_one_epoch(ddp_model, loader, optimizer, scaler, config, info, epoch, progress)
+            except TrainingDiverged as error:
+                kept = f"{last_path} keeps epoch {epoch}, the last good weights" if epoch else "no checkpoint was written"
+                raise TrainingDiverged(f"{error}; training stopped, {kept} (try a lower --lr, or check the data and maps)") from None
+            scheduler.step()
+            val_metrics, predictions = validate(ddp_model, data.val, config, info)
+            auc = val_metrics["auc"]
+            improved = best["epoch"] is None or (auc is not None and (best["val_auc"] is None or auc > best["val_auc"]))
+            if improved:
+                best = {"epoch": epoch + 1, "val_auc": auc}
+            row = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                **{f"train_{key}": value for key, value in train_stats.items()},
+                **{f"val_{key}": val_metrics[key] for key in ("auc", "eer", "accuracy")},
+                "best_epoch": best["epoch"],
+                "saliency": data.saliency,
+            }
+            history.append(row)
+            if info.is_main:
+                checkpoint = {
+                    **base_state,
+                    "model": unwrap(model).state_dict(),
+                    "epoch": epoch + 1,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "best": dict(best),
+                    "val_metrics": val_metrics,
+                    "val_predictions": {
+                        "paths": [data.val_paths[i] for i in predictions["indices"]],
+                        "labels": predictions["labels"].tolist(),
+                        "scores": predictions["scores"].tolist(),
+                        "sources": [data.val_sources[i] for i in predictions["indices"]],
+                    },
+                    "history": list(history),
+                    "rng": rng_state(),
+                }
+                save_checkpoint(checkpoint, last_path)
+                if improved:
+                    save_checkpoint(checkpoint, best_path)
+                metrics_log.write(row)
+                log.info(
+                    "epoch %d/%d: loss %.4f (ce %.4f, guidance %.4f), train acc %.3f, %.1f img/s; val AUC %s, acc %.3f%s",
+                    epoch + 1, config.epochs, train_stats["loss"], train_stats["ce"], train_stats["guidance"],
+                    train_stats["accuracy"], train_stats["images_per_s"], _fmt(auc), val_metrics["accuracy"],
+                    " (best)" if improved else "",
+                )  # fmt: skip
+            distributed.barrier(info)
+    finally:
+        if metrics_log is not None:
+            metrics_log.close()
+    return {
+        "best_epoch": best["epoch"],
+        "best_val_auc": best["val_auc"],
+        "epochs": config.epochs,
+        "saliency": data.saliency,
+        "files": [str(last_path), str(best_path), str(run_dir / METRICS)],
+        "history": history,
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
