@@ -62,15 +62,23 @@ def name_list(items: Sequence[object], limit: int = MAX_NAMED) -> str:
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
-def index_maps(folder: Path | None) -> dict[str, Path]:
-    """Map files in `folder` (recursively) by file name; the first in sorted order wins a clash."""
-    if folder is None:
-        return {}
-    found: dict[str, Path] = {}
-    for path in sorted(folder.rglob("*")):
-        if is_image_file(path):
-            found.setdefault(path.name, path)
-    return found
+class MapIndex:
+    """The map files of a folder (recursively), found by the image's file name, else by its stem
+    (so proxy maps written as PNG match JPEG images); the first in sorted order wins a clash."""
+
+    def __init__(self, folder: Path | None):
+        self.by_name: dict[str, Path] = {}
+        self.by_stem: dict[str, Path] = {}
+        for path in sorted(folder.rglob("*")) if folder is not None else ():
+            if is_image_file(path):
+                self.by_name.setdefault(path.name, path)
+                self.by_stem.setdefault(path.stem, path)
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def find(self, image_path: Path) -> Path | None:
+        return self.by_name.get(image_path.name) or self.by_stem.get(image_path.stem)
 
 
 def parse_class(value: str, where: str) -> int:
@@ -95,7 +103,7 @@ def read_csv(data: Path, csv_path: Path, heatmaps: Path | None) -> list[Sample]:
             rows = list(csv.reader(handle))
     except OSError as error:
         raise UserError(f"--csv {csv_path}: cannot read ({error.strerror})") from error
-    maps = index_maps(heatmaps)
+    maps = MapIndex(heatmaps)
     samples = []
     for number, row in enumerate(rows, start=1):
         cells = [cell.strip() for cell in row]
@@ -109,11 +117,11 @@ def read_csv(data: Path, csv_path: Path, heatmaps: Path | None) -> list[Sample]:
         split, label = parse_split(cells[0], where), parse_class(cells[1], where)
         path = data / cells[2].replace("\\", "/").lstrip("/")
         source = cells[3] if len(cells) == 4 and cells[3] else path.parent.name
-        samples.append(Sample(path, label, split, source, maps.get(path.name)))
+        samples.append(Sample(path, label, split, source, maps.find(path)))
     return samples
 
 
-def read_plain(folder: Path, split: str, maps: dict[str, Path]) -> list[Sample]:
+def read_plain(folder: Path, split: str, maps: MapIndex) -> list[Sample]:
     """Samples from folder/real/ and folder/fake/; sub-folders name the source."""
     samples = []
     for name, label in LABELS.items():
@@ -125,7 +133,7 @@ def read_plain(folder: Path, split: str, maps: dict[str, Path]) -> list[Sample]:
                 continue
             relative = path.relative_to(class_dir).parts
             source = relative[0] if len(relative) > 1 else name
-            samples.append(Sample(path, label, split, source, maps.get(path.name)))
+            samples.append(Sample(path, label, split, source, maps.find(path)))
     return samples
 
 
@@ -151,7 +159,7 @@ def discover(
     samples = []
     for split, folder in folders.items():
         maps_dir = heatmaps_dir or (folder / MAPS_FOLDER if (folder / MAPS_FOLDER).is_dir() else None)
-        samples += read_plain(folder, split, index_maps(maps_dir))
+        samples += read_plain(folder, split, MapIndex(maps_dir))
     if not samples:
         raise UserError(
             f"{data}: no images found; expected real/ and fake/ folders (optionally inside train/, val/, test/), "
@@ -253,7 +261,7 @@ def saliency_provenance(samples_or_heatmaps_dir: Iterable[Sample] | str | os.Pat
         folder = Path(samples_or_heatmaps_dir)
         if not folder.is_dir():
             return "none"
-        folders = {folder} if index_maps(folder) else set()
+        folders = {folder} if len(MapIndex(folder)) else set()
     else:
         folders = {s.map_path.parent for s in samples_or_heatmaps_dir if s.map_path is not None}
     if not folders:
