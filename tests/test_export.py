@@ -1,0 +1,313 @@
+"""`cyborg export`: ONNX parity, dynamic batch, model.json, Triton config, int8, atomicity, refusals."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cyborg.cli import main
+from serving import contract as c
+from tests.datasets import make_face_image
+from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.evaluate import binary_metrics, equal_error_rate
+from training.model import cam_grid, create_classifier, fake_probability
+
+SIZE = 64
+N_VAL = 12
+
+
+def make_checkpoint(folder: Path, arch: str = "test_resnet", seed: int = 0) -> Path:
+    """A checkpoint with the trainer's keys: batch norms re-estimated, validation images on disk."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = create_classifier(arch)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average: exact statistics of the passes below
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randint(0, 256, (8, 3, SIZE, SIZE), dtype=torch.uint8))
+    model.eval()
+    val_dir = folder / f"val-{arch}"
+    val_dir.mkdir(parents=True)
+    paths, labels = [], []
+    for i in range(N_VAL):
+        label = i % 2
+        path = val_dir / f"{i:02d}.png"
+        make_face_image(label, 80, rng).save(path)  # not 64 px: export must resize as serving does
+        paths.append(str(path))
+        labels.append(label)
+    from training.export import load_images
+
+    with torch.no_grad():
+        scores = fake_probability(model(torch.from_numpy(load_images(paths, SIZE, SIZE))).logits).tolist()
+    config = TrainConfig(arch=arch, weights="none", image_size=SIZE, epochs=2, alpha=0.5, seed=seed, data=str(val_dir))
+    state = {
+        "config": config.to_dict(),
+        "model": model.state_dict(),
+        "mean": list(model.pixel_mean.flatten().div(255).tolist()),
+        "std": list(model.pixel_std.flatten().div(255).tolist()),
+        "image_size": SIZE,
+        "cam_grid": list(cam_grid(model, SIZE)),
+        "epoch": 2,
+        "best": {"epoch": 2, "val_auc": 0.5},
+        "val_metrics": binary_metrics(np.array(labels), np.array(scores)),
+        "saliency": "proxy",
+        "data": {"root": str(val_dir), "counts": {"val": N_VAL}},
+        "history": [],
+        "val_predictions": {"paths": paths, "labels": labels, "scores": scores, "sources": ["synthetic"] * N_VAL},
+    }
+    path = folder / f"{arch}.pt"
+    save_checkpoint(state, path)
+    return path
+
+
+def export(*args: str) -> int:
+    return main(["export", *map(str, args)])
+
+
+def hidden_entries(repo: Path) -> list[Path]:
+    return [p for p in repo.rglob(".*")]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One fp32 + int8 export of a test_resnet checkpoint through the CLI: (repository, checkpoint)."""
+    folder = tmp_path_factory.mktemp("export")
+    checkpoint = make_checkpoint(folder)
+    repo = folder / "models"
+    assert export(checkpoint, "--repository", repo, "--name", "det", "--version", 1, "--int8", "--calibration-images", 8) == 0
+    return repo, checkpoint
+
+
+def test_layout_contract_and_checksums(exported, tmp_path):
+    repo, checkpoint = exported
+    version = repo / "det" / "1"
+    state = load_checkpoint(checkpoint)
+    contract = c.read_contract(version, verify=True)
+    assert sorted(p.name for p in version.iterdir()) == sorted(
+        [c.ONNX_FILE, c.INT8_ONNX_FILE, c.CONTRACT_FILE, c.TRITON_CONFIG_FILE]
+    )
+    assert (repo / "det" / c.TRITON_CONFIG_FILE).read_text() == (version / c.TRITON_CONFIG_FILE).read_text()
+    assert hidden_entries(repo) == []  # no staging folder left behind
+    assert set(contract.files) == {c.ONNX_FILE, c.INT8_ONNX_FILE, c.TRITON_CONFIG_FILE}
+    for name, digest in contract.files.items():
+        assert c.sha256_file(version / name) == digest
+
+    assert (contract.name, contract.version, contract.architecture) == ("det", 1, "test_resnet")
+    assert contract.input_shape == (3, SIZE, SIZE)
+    assert list(contract.cam_shape) == state["cam_grid"]
+    assert contract.mean == pytest.approx(state["mean"]) and contract.std == pytest.approx(state["std"])
+    labels, scores = np.array(state["val_predictions"]["labels"]), np.array(state["val_predictions"]["scores"])
+    assert contract.threshold == pytest.approx(equal_error_rate(labels, scores)[1])
+    assert contract.metrics["validation"]["auc"] == pytest.approx(state["val_metrics"]["auc"])
+    assert contract.metrics["export"]["exporter"] == "dynamo"
+    training = contract.training
+    assert (training["saliency"], training["alpha"], training["guidance"], training["epochs"], training["seed"]) == (
+        "proxy", 0.5, "cyborg", 2, 0
+    )
+    assert training["data"]["counts"] == {"val": N_VAL}
+    assert training["checkpoint_sha256"] == c.sha256_file(checkpoint)
+    assert contract.created
+
+    copy = tmp_path / "copy"
+    shutil.copytree(version, copy)
+    onnx_bytes = bytearray((copy / c.ONNX_FILE).read_bytes())
+    onnx_bytes[-1] ^= 0xFF
+    (copy / c.ONNX_FILE).write_bytes(bytes(onnx_bytes))
+    with pytest.raises(c.ContractError, match="sha256"):
+        c.read_contract(copy)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_matches_torch_with_dynamic_batch(exported, batch):
+    from training.export import load_images, validation_images
+    from training.onnx_export import ExportModule, compare, ort_session, run_onnx, run_torch
+
+    repo, checkpoint = exported
+    state = load_checkpoint(checkpoint)
+    model, _ = model_from_checkpoint(state)
+    paths, _ = validation_images(state)
+    images = load_images(paths[:batch], SIZE, SIZE)
+    session = ort_session(repo / "det" / "1" / c.ONNX_FILE)
+    assert [i.name for i in session.get_inputs()] == [c.INPUT_NAME]
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    assert session.get_inputs()[0].shape[1:] == [3, SIZE, SIZE] and isinstance(session.get_inputs()[0].shape[0], str)
+    assert [o.name for o in session.get_outputs()] == list(c.OUTPUT_NAMES)
+    onnx_out, torch_out = run_onnx(session, images), run_torch(ExportModule(model), images)
+    grid = tuple(state["cam_grid"])
+    assert onnx_out[c.SCORE_OUTPUT].shape == (batch,)
+    assert onnx_out[c.LOGITS_OUTPUT].shape == (batch, 2)
+    assert onnx_out[c.CAM_OUTPUT].shape == (batch, *grid)
+    cams = onnx_out[c.CAM_OUTPUT]
+    assert cams.min() >= 0.0 and cams.max() <= 1.0 + 1e-6
+    assert (cams.reshape(batch, -1).max(1) == pytest.approx(1.0, abs=1e-5))  # non-degenerate: re-estimated BN
+    diffs = compare(torch_out, onnx_out)
+    assert diffs[c.SCORE_OUTPUT] <= 1e-4 and diffs[c.LOGITS_OUTPUT] <= 1e-4 and diffs[c.CAM_OUTPUT] <= 5e-4
+    assert diffs["class_agreement"] == 1.0
+    softmax = torch.from_numpy(onnx_out[c.LOGITS_OUTPUT]).softmax(1)[:, c.FAKE_INDEX].numpy()
+    np.testing.assert_allclose(onnx_out[c.SCORE_OUTPUT], softmax, atol=1e-6)
+
+
+def test_parity_check_refuses_a_mismatch(exported):
+    from training.onnx_export import ExportError, ExportModule, check_parity
+
+    repo, checkpoint = exported
+    model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
+    with torch.no_grad():
+        model.classifier.bias[c.FAKE_INDEX] += 0.01  # torch now differs from the exported graph
+    images = np.random.default_rng(1).integers(0, 256, (2, 3, SIZE, SIZE), dtype=np.uint8)
+    with pytest.raises(ExportError, match="logits differs"):
+        check_parity(ExportModule(model), repo / "det" / "1" / c.ONNX_FILE, images)
+
+
+def test_triton_config_parses_as_model_config(exported):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    repo, _ = exported
+    contract = c.read_contract(repo / "det" / "1")
+    for path in (repo / "det" / c.TRITON_CONFIG_FILE, repo / "det" / "1" / c.TRITON_CONFIG_FILE):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        assert config.name == "det" and config.platform == "onnxruntime_onnx"
+        assert config.max_batch_size == contract.batching.max_batch_size
+        (image,) = config.input
+        assert (image.name, list(image.dims)) == (c.INPUT_NAME, [3, SIZE, SIZE])
+        assert image.data_type == model_config_pb2.TYPE_UINT8
+        outputs = {o.name: o for o in config.output}
+        assert list(outputs) == list(c.OUTPUT_NAMES)
+        assert list(outputs[c.LOGITS_OUTPUT].dims) == [2]
+        assert list(outputs[c.CAM_OUTPUT].dims) == list(contract.cam_shape)
+        assert list(outputs[c.SCORE_OUTPUT].reshape.shape) == []  # [B] in the graph
+        assert all(o.data_type == model_config_pb2.TYPE_FP32 for o in config.output)
+        assert config.dynamic_batching.max_queue_delay_microseconds == round(contract.batching.max_queue_delay_ms * 1000)
+        assert config.version_policy.latest.num_versions == 1
+
+
+def test_int8_model_runs_and_stays_close(exported):
+    import onnx
+
+    from training.onnx_export import ort_session, run_onnx
+
+    from training.export import load_images, validation_images
+
+    repo, checkpoint = exported
+    version = repo / "det" / "1"
+    graph = onnx.load(str(version / c.INT8_ONNX_FILE)).graph
+    assert sum(node.op_type == "QuantizeLinear" for node in graph.node) > 0
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
+    images = load_images(validation_images(load_checkpoint(checkpoint))[0][:2], SIZE, SIZE)  # calibrated on these
+    fp32 = run_onnx(ort_session(version / c.ONNX_FILE), images)
+    int8 = run_onnx(ort_session(version / c.INT8_ONNX_FILE), images)
+    assert int8[c.CAM_OUTPUT].shape == fp32[c.CAM_OUTPUT].shape
+    assert np.abs(int8[c.SCORE_OUTPUT] - fp32[c.SCORE_OUTPUT]).max() < 0.05
+    info = c.read_contract(version).metrics["int8"]
+    assert info["file"] == c.INT8_ONNX_FILE and info["calibration_images"] == 8
+    assert info["evaluation_images"] == N_VAL
+    assert abs(info["auc_change"]) <= 0.5 and "cam_note" in info
+
+
+def test_existing_version_is_refused_without_force(exported, capsys):
+    repo, checkpoint = exported
+    before = c.read_contract(repo / "det" / "1")
+    assert export(checkpoint, "--repository", repo, "--name", "det", "--version", 1) == 2
+    assert "--force" in capsys.readouterr().err
+    assert c.read_contract(repo / "det" / "1") == before
+
+
+def test_failure_mid_export_leaves_nothing(exported, tmp_path, monkeypatch):
+    import training.triton
+
+    _, checkpoint = exported
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure after the ONNX export and parity check")
+
+    monkeypatch.setattr(training.triton, "triton_config", broken)
+    repo = tmp_path / "models"
+    with pytest.raises(RuntimeError, match="injected"):
+        export(checkpoint, "--repository", repo, "--name", "det", "--version", 1)
+    assert list(repo.iterdir()) == []
+
+
+def test_failed_force_keeps_the_old_version(exported, tmp_path, monkeypatch):
+    import training.onnx_export
+
+    repo = tmp_path / "models"
+    shutil.copytree(exported[0], repo)
+    before = c.read_contract(repo / "det" / "1")
+
+    def broken(module, path, *args):
+        Path(path).write_bytes(b"half a model")
+        raise RuntimeError("injected failure while writing model.onnx")
+
+    monkeypatch.setattr(training.onnx_export, "export_onnx", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        export(exported[1], "--repository", repo, "--name", "det", "--version", 1, "--force")
+    assert c.read_contract(repo / "det" / "1") == before
+    assert hidden_entries(repo) == []
+
+
+def test_force_replaces_a_version_with_another_architecture(exported, tmp_path):
+    from training.export import load_images, validation_images
+    from training.onnx_export import ExportModule, compare, ort_session, run_onnx, run_torch
+
+    repo = tmp_path / "models"
+    shutil.copytree(exported[0], repo)
+    checkpoint = make_checkpoint(tmp_path, arch="test_efficientnet", seed=1)
+    assert export(checkpoint, "--repository", repo, "--name", "det", "--version", 1, "--force",
+                  "--threshold", "fpr:0.2") == 0
+    contract = c.read_contract(repo / "det" / "1")
+    assert contract.architecture == "test_efficientnet" and set(contract.files) == {c.ONNX_FILE, c.TRITON_CONFIG_FILE}
+    assert contract.metrics["threshold"]["rule"] == "fpr:0.2" and contract.metrics["threshold"]["fpr"] <= 0.2
+    assert hidden_entries(repo) == []
+    state = load_checkpoint(checkpoint)
+    model, _ = model_from_checkpoint(state)
+    images = load_images(validation_images(state)[0][:3], SIZE, SIZE)
+    diffs = compare(run_torch(ExportModule(model), images), run_onnx(ort_session(repo / "det" / "1" / c.ONNX_FILE), images))
+    assert diffs[c.LOGITS_OUTPUT] <= 1e-4 and diffs[c.CAM_OUTPUT] <= 5e-4
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "no such checkpoint"),
+    ("garbage", "corrupt or truncated"),
+    ("truncated", "corrupt or truncated"),
+    ("unknown_arch", "no_such_net"),
+])
+def test_bad_checkpoints_are_refused(exported, tmp_path, capsys, damage, message):
+    source = exported[1]
+    bad = tmp_path / "bad.pt"
+    if damage == "garbage":
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "truncated":
+        data = source.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "unknown_arch":
+        state = load_checkpoint(source)
+        state.pop("format")
+        state["config"]["arch"] = "no_such_net"
+        save_checkpoint(state, bad)
+    repo = tmp_path / "models"
+    assert export(bad, "--repository", repo, "--name", "det", "--version", 1) == 2
+    assert message in capsys.readouterr().err
+    assert not repo.exists() or list(repo.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--name", "det", "--version", "1", "--threshold", "often"], "--threshold"),
+    (["--name", "det", "--version", "1", "--threshold", "fpr:2"], "false positive rate"),
+    (["--name", "det", "--version", "1", "--threshold", "1.5"], "in [0, 1]"),
+    (["--name", "det", "--version", "0"], "--version"),
+    (["--name", "a/b", "--version", "1"], "--name"),
+    (["--name", "det", "--version", "1", "--bench"], "--int8"),
+])
+def test_bad_flags_are_refused(exported, tmp_path, capsys, flags, message):
+    assert export(exported[1], "--repository", tmp_path / "models", *flags) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()

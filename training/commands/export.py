@@ -1,0 +1,44 @@
+"""`cyborg export`: a checkpoint → a version folder in a model repository (see docs/export.md)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="checkpoint written by `cyborg train`")
+    parser.add_argument("--repository", type=Path, required=True, help="model repository folder (e.g. models)")
+    parser.add_argument("--name", required=True, help="model name (a folder in the repository)")
+    parser.add_argument("--version", type=int, required=True, help="version number (a folder under the name)")
+    parser.add_argument("--threshold", default="eer",
+                        help="decision threshold from the validation predictions: eer (default), fpr:RATE "
+                             "(e.g. fpr:0.05) or a fixed number in [0, 1]")
+    parser.add_argument("--int8", action="store_true", help="also write a statically quantised CPU model (model.int8.onnx)")
+    parser.add_argument("--calibration-data", type=Path, default=None,
+                        help="int8 calibration images: a folder or a file of paths (default: the checkpoint's validation images)")
+    parser.add_argument("--calibration-images", type=int, default=64, help="how many calibration images (default: 64)")
+    parser.add_argument("--bench", action="store_true", help="with --int8: print fp32 vs int8 AUC and CPU throughput")
+    parser.add_argument("--tensorrt", action="store_true", help="also build an FP16 TensorRT engine (model.plan); needs TensorRT and a GPU")
+    parser.add_argument("--force", action="store_true", help="replace the version if it exists (atomically)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.export import ExportRequest, export_checkpoint
+
+    request = ExportRequest(
+        checkpoint=args.checkpoint,
+        repository=args.repository,
+        name=args.name,
+        version=args.version,
+        int8=args.int8,
+        tensorrt=args.tensorrt,
+        force=args.force,
+        calibration_data=args.calibration_data,
+        calibration_images=args.calibration_images,
+        threshold=args.threshold,
+        bench=args.bench,
+    )
+    target = export_checkpoint(request)
+    print(target)
+    return 0
