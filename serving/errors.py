@@ -123,18 +123,18 @@ def wrap_handler(handler: grpc.RpcMethodHandler, unary=_wrap_unary, stream=_wrap
     """A copy of `handler` whose behaviour goes through `unary` / `stream` wrappers."""
     if handler is None:
         return None
-    kinds = {
-        "unary_unary": (grpc.unary_unary_rpc_method_handler, unary),
-        "unary_stream": (grpc.unary_stream_rpc_method_handler, stream),
-        "stream_unary": (grpc.stream_unary_rpc_method_handler, unary),
-        "stream_stream": (grpc.stream_stream_rpc_method_handler, stream),
+    factories = {
+        "unary_unary": grpc.unary_unary_rpc_method_handler,
+        "unary_stream": grpc.unary_stream_rpc_method_handler,
+        "stream_unary": grpc.stream_unary_rpc_method_handler,
+        "stream_stream": grpc.stream_stream_rpc_method_handler,
     }
-    for attribute, (factory, wrap) in kinds.items():
+    for attribute, factory in factories.items():
         behaviour = getattr(handler, attribute)
         if behaviour is None:
             continue
-        if wrap is stream and not inspect.isasyncgenfunction(behaviour):
-            return handler  # a servicer that writes through context.write: leave it alone
+        # Streaming responses come from an async generator, or from a coroutine using context.write.
+        wrap = stream if inspect.isasyncgenfunction(behaviour) else unary
         return factory(
             wrap(behaviour),
             request_deserializer=handler.request_deserializer,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -134,7 +135,7 @@ class ModelRepository:
         root: str | os.PathLike[str],
         settings: RepositorySettings = RepositorySettings(),
         metrics: Metrics | None = None,
-        on_change: Callable[[ModelRepository], None] | None = None,
+        on_change: Callable[[ModelRepository], object] | None = None,
     ):
         self.root = Path(root)
         self.settings = settings
@@ -201,7 +202,9 @@ class ModelRepository:
                 await self._reload_model(name, self._known.get(name, []), report)
             self._loaded_once = True
         if self.on_change is not None:
-            self.on_change(self)
+            changed = self.on_change(self)
+            if inspect.isawaitable(changed):
+                await changed
         if report.loaded or report.unloaded or report.failed:
             log.info("repository reloaded", extra={"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed})
         return report

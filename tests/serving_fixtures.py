@@ -146,3 +146,64 @@ def random_images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     low = rng.integers(0, 256, (count, 3, 4, 4)).astype(np.uint8)
     return np.ascontiguousarray(low.repeat(size // 4, axis=2).repeat(size // 4, axis=3))
+
+
+class RunningServer:
+    """A real server on a loopback port, run by an event loop on a background thread.
+
+    Tests talk to it over gRPC like any client; `call(coroutine_function)` runs something on the
+    server's loop (a reload, a look at its state). Use as a context manager, or `start()`/`stop()`.
+    """
+
+    def __init__(self, repository: str | Path, **config):
+        import asyncio
+        import threading
+
+        from serving.server import ServerConfig
+
+        config.setdefault("host", "127.0.0.1")
+        config.setdefault("port", 0)
+        config.setdefault("metrics_port", 0)
+        config.setdefault("intra_op_threads", 1)
+        config.setdefault("decode_workers", 2)
+        config.setdefault("grace_seconds", 5.0)
+        self.config = ServerConfig(model_repository=str(repository), **config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
+        self.server = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def call(self, function, *args, timeout: float = 60):
+        """Run `await function(*args)` on the server's loop and return its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(function(*args), self.loop).result(timeout)
+
+    def start(self) -> RunningServer:
+        from serving.server import create_server
+
+        self.thread.start()
+
+        async def launch():
+            self.server, self.port = await create_server(self.config)
+            await self.server.start()
+
+        self.call(launch)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        if self.server is not None:
+            self.call(self.server.stop, grace)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> RunningServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(0)

@@ -1,0 +1,250 @@
+"""The gRPC server: `create_server(config) -> (server, port)`, and `serve(config)` to run it.
+
+One grpc.aio server carries the Detector API, the Open Inference Protocol (KServe v2), health
+checking (grpc.health.v1: the overall "" service, each protocol and each model by name; NOT_SERVING
+until the models are warm and again from the start of shutdown) and reflection. Interceptors add
+bearer-token auth and map errors to status codes; Prometheus metrics are served over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cyborg.errors import UserError
+from serving import inference_servicer, servicer
+from serving.auth import BearerTokenInterceptor, read_tokens
+from serving.dataplane import DataPlane, Limits
+from serving.errors import ErrorInterceptor
+from serving.metrics import Metrics
+from serving.repository import ModelRepository, RepositorySettings
+
+log = logging.getLogger(__name__)
+MiB = 1024 * 1024
+PROTOCOLS = (servicer, inference_servicer)  # modules with add_to_server(server, dataplane) -> service name
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    model_repository: str = "models"
+    host: str = "0.0.0.0"
+    port: int = 8001  # 0: any free port
+    metrics_port: int | None = 8002  # None: no metrics endpoint; 0: any free port
+    default_model: str = ""
+    max_batch_size: int | None = None  # None: each model's model.json
+    max_queue_delay_ms: float | None = None
+    max_queue_size: int | None = None
+    poll_seconds: float = 0.0  # 0: no polling (reload on SIGHUP or through the API only)
+    backend: str = "auto"
+    device: str = "auto"
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    decode_workers: int = 0  # 0: one per core
+    max_message_mb: int = 32
+    max_image_pixels: int = 64_000_000
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # set: mutual TLS, client certificates required
+    auth_token_file: str = ""
+    grace_seconds: float = 10.0
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    limit = int(config.max_message_mb * MiB)
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS (and mutual TLS with a client CA) credentials, or None for plaintext."""
+    if not (config.tls_cert or config.tls_key):
+        if config.tls_client_ca:
+            raise UserError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise UserError("TLS needs both --tls-cert and --tls-key")
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise UserError(f"{path}: cannot read ({error.strerror})") from error
+
+    client_ca = read(config.tls_client_ca) if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(config.tls_key), read(config.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class Server:
+    """The running parts of one server; `start()`, `stop(grace)`, `wait_for_termination()`."""
+
+    def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, dataplane: DataPlane, health_servicer, services: list[str]):
+        self.config = config
+        self.grpc_server = grpc_server
+        self.dataplane = dataplane
+        self.repository = dataplane.repository
+        self.metrics = dataplane.metrics
+        self.health = health_servicer
+        self.services = services
+        self.metrics_port: int | None = None
+        self._metrics_http = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Start accepting calls (health NOT_SERVING), load and warm the models, then report SERVING."""
+        await self.update_health()
+        await self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            http, _thread = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            self._metrics_http, self.metrics_port = http, http.server_port
+        await self.repository.reload()  # calls update_health through on_change
+        self.repository.start_polling(self.config.poll_seconds)
+        log.info("server ready", extra={"models": [f"{m.contract.name}:{m.contract.version}" for m in self.repository.loaded()]})
+
+    async def update_health(self) -> None:
+        """Health from model readiness: "" and each protocol if any model serves, each model by name."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        if self._stopping:
+            return
+        ready = self.dataplane.ready()
+        for name in ("", *self.services):
+            await self.health.set(name, serving if ready else not_serving)
+        loaded = {model.contract.name for model in self.repository.loaded()}
+        for status in self.repository.statuses():
+            await self.health.set(status.name, serving if status.name in loaded else not_serving)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: health NOT_SERVING, refuse new calls, let in-flight calls finish."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.config.grace_seconds if grace is None else grace
+        log.info("shutting down", extra={"grace_seconds": grace})
+        await self.health.enter_graceful_shutdown()
+        self.dataplane.shutdown()
+        try:
+            await self.grpc_server.stop(grace)
+        finally:
+            await self.repository.close()
+            self.dataplane.pool.shutdown(wait=False)
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+async def create_server(config: ServerConfig) -> tuple[Server, int]:
+    """Build the server and bind its port (0 picks a free one); `await server.start()` runs it."""
+    if not Path(config.model_repository).is_dir():
+        raise UserError(f"--model-repository {config.model_repository}: not a folder")
+    credentials = server_credentials(config)
+    interceptors = [ErrorInterceptor()]
+    if config.auth_token_file:
+        interceptors.insert(0, BearerTokenInterceptor(read_tokens(config.auth_token_file)))
+    grpc_server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
+    metrics = Metrics()
+    settings = RepositorySettings(
+        backend=config.backend,
+        device=config.device,
+        intra_op_threads=config.intra_op_threads,
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_ms=config.max_queue_delay_ms,
+        max_queue_size=config.max_queue_size,
+        default_model=config.default_model,
+    )
+    repository = ModelRepository(config.model_repository, settings, metrics)
+    pool = ThreadPoolExecutor(config.decode_workers or os.cpu_count() or 1, thread_name_prefix="decode")
+    limits = Limits(max_image_bytes=int(config.max_message_mb * MiB), max_image_pixels=config.max_image_pixels)
+    dataplane = DataPlane(repository, pool, metrics, limits)
+    services = [protocol.add_to_server(grpc_server, dataplane) for protocol in PROTOCOLS]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    enable_reflection(grpc_server, services)
+    server = Server(config, grpc_server, dataplane, health_servicer, services)
+    repository.on_change = lambda _repository: server.update_health()
+    address = f"{config.host}:{config.port}" if ":" not in config.host else f"[{config.host}]:{config.port}"
+    try:
+        port = grpc_server.add_secure_port(address, credentials) if credentials else grpc_server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise UserError(f"cannot listen on {address}: {error}") from error
+    return server, port
+
+
+def enable_reflection(grpc_server: grpc.aio.Server, services: list[str]) -> None:
+    """Server reflection for the services whose descriptors are in protobuf's default pool."""
+    from google.protobuf import descriptor_pool
+    from grpc_reflection.v1alpha import reflection
+
+    pool = descriptor_pool.Default()
+    names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+    for name in services:
+        try:
+            pool.FindServiceByName(name)
+        except KeyError:
+            continue  # kept out of the default pool on purpose (see serving.inference_servicer)
+        names.append(name)
+    reflection.enable_server_reflection(names, grpc_server)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message and any `extra=` fields."""
+
+    RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in self.RESERVED})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def use_json_logs() -> None:
+    for handler in logging.getLogger().handlers or [logging.StreamHandler()]:
+        handler.setFormatter(JsonFormatter())
+        if handler not in logging.getLogger().handlers:
+            logging.getLogger().addHandler(handler)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully; SIGHUP reloads the repository."""
+    server, port = await create_server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.repository.reload()))
+    try:
+        await server.start()
+        log.info("listening", extra={"port": port, "metrics_port": server.metrics_port, "tls": bool(config.tls_cert)})
+        await stop.wait()
+    finally:
+        await server.stop()

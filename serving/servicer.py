@@ -1,0 +1,163 @@
+"""The `cyborg.v1.Detector` service: wire messages <-> data-plane types, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import numpy as np
+
+from serving.dataplane import DataPlane, DetectRequest, DetectResult
+from serving.errors import InvalidArgument, status_of
+from serving.proto.cyborg.v1 import detector_pb2 as pb
+from serving.proto.cyborg.v1 import detector_pb2_grpc as pb_grpc
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Detector"].full_name
+HEATMAPS = {
+    pb.HEATMAP_NONE: "none",
+    pb.HEATMAP_GRID: "grid",
+    pb.HEATMAP_PNG: "png",
+    pb.HEATMAP_OVERLAY: "overlay",
+}
+HEATMAP_ENUMS = {name: kind for kind, name in HEATMAPS.items()}
+STREAM_WINDOW = 256  # stream requests in flight at once (back-pressure beyond that)
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def tensor_array(tensor: pb.Tensor) -> np.ndarray:
+    """A wire Tensor as a uint8 array, checking dtype, shape and byte count."""
+    if tensor.dtype not in ("", "uint8"):
+        raise InvalidArgument(f"tensor dtype {tensor.dtype!r}: expected uint8")
+    shape = list(tensor.shape)
+    if not shape or any(side < 0 for side in shape):
+        raise InvalidArgument(f"tensor shape {shape}: expected [3, H, W] or [H, W, 3]")
+    if int(np.prod(shape)) != len(tensor.data):
+        raise InvalidArgument(f"tensor shape {shape} needs {int(np.prod(shape))} bytes, got {len(tensor.data)}")
+    return np.frombuffer(tensor.data, np.uint8).reshape(shape)
+
+
+def to_request(message: pb.DetectRequest, deadline: float | None) -> DetectRequest:
+    kind = message.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgument("request has neither an image nor a tensor")
+    if message.heatmap not in HEATMAPS:
+        raise InvalidArgument(f"heatmap kind {message.heatmap} is not one of {sorted(HEATMAPS)}")
+    if message.version < 0:
+        raise InvalidArgument(f"version {message.version}: 0 (latest) or a positive number")
+    return DetectRequest(
+        image=message.image if kind == "image" else None,
+        tensor=tensor_array(message.tensor) if kind == "tensor" else None,
+        model=message.model,
+        version=message.version,
+        heatmap=HEATMAPS[message.heatmap],
+        deadline=deadline,
+    )
+
+
+def to_response(result: DetectResult, request_id: str, heatmap: str) -> pb.DetectResponse:
+    response = pb.DetectResponse(
+        id=request_id,
+        score=result.score,
+        label=result.label,
+        threshold=result.threshold,
+        model=result.model,
+        version=result.version,
+        timings=pb.Timings(**result.timings),
+    )
+    if heatmap != "none":
+        response.heatmap.kind = HEATMAP_ENUMS[heatmap]
+        if heatmap == "grid":
+            response.heatmap.grid.shape.extend(result.cam.shape)
+            response.heatmap.grid.values.extend(result.cam.ravel().tolist())
+        else:
+            response.heatmap.png = result.heatmap_png
+    return response
+
+
+def error_response(error: Exception, request_id: str) -> pb.DetectResponse:
+    code, message = status_of(error)
+    return pb.DetectResponse(id=request_id, error=pb.Error(code=code.value[0], message=message))
+
+
+class DetectorServicer(pb_grpc.DetectorServicer):
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+
+    async def Detect(self, request, context):
+        result = await self.dataplane.detect(to_request(request, deadline_of(context)))
+        return to_response(result, request.id, HEATMAPS[request.heatmap])
+
+    async def _item(self, message: pb.DetectRequest, deadline: float | None) -> pb.DetectResponse:
+        """One batch or stream item; its failure becomes an error response, not a failed call."""
+        try:
+            result = await self.dataplane.detect(to_request(message, deadline))
+        except Exception as error:  # noqa: BLE001 - reported per item
+            return error_response(error, message.id)
+        return to_response(result, message.id, HEATMAPS[message.heatmap])
+
+    async def DetectBatch(self, request, context):
+        deadline = deadline_of(context)
+        responses = await asyncio.gather(*(self._item(item, deadline) for item in request.requests))
+        return pb.DetectBatchResponse(responses=responses)
+
+    async def DetectStream(self, request_iterator, context):
+        deadline = deadline_of(context)
+        pending: asyncio.Queue = asyncio.Queue(STREAM_WINDOW)
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    await pending.put(asyncio.ensure_future(self._item(message, deadline)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader  # re-raise a broken request stream
+        finally:
+            reader.cancel()
+
+    async def ListModels(self, request, context):
+        repository = self.dataplane.repository
+        return pb.ListModelsResponse(
+            models=[model_info(model) for model in repository.loaded()],
+            default_model=repository.default_name,
+        )
+
+    async def GetModel(self, request, context):
+        if request.version < 0:
+            raise InvalidArgument(f"version {request.version}: 0 (latest) or a positive number")
+        return model_info(self.dataplane.repository.get(request.model, request.version))
+
+
+def model_info(model) -> pb.ModelInfo:
+    """A loaded model's contract (and engine) as a ModelInfo message."""
+    contract = model.contract
+    return pb.ModelInfo(
+        name=contract.name,
+        version=contract.version,
+        architecture=contract.architecture,
+        input_height=contract.input_height,
+        input_width=contract.input_width,
+        cam_height=contract.cam_height,
+        cam_width=contract.cam_width,
+        threshold=contract.threshold,
+        saliency=contract.training.get("saliency", "none"),
+        backend=model.backend.name,
+        device=model.backend.device,
+        contract_json=json.dumps(contract.to_dict(), sort_keys=True),
+    )
+
+
+def add_to_server(server: grpc.aio.Server, dataplane: DataPlane) -> str:
+    """Register the Detector service; returns its full name (for health and reflection)."""
+    pb_grpc.add_DetectorServicer_to_server(DetectorServicer(dataplane), server)
+    return SERVICE
