@@ -10,8 +10,7 @@ from tritonclient.grpc import service_pb2  # noqa: E402  (tritonclient's own gen
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serving import contract as c  # noqa: E402
-from tests.live_server import LiveServer  # noqa: E402
-from tests.serving_fixtures import build_model_repository, random_images, reference_outputs  # noqa: E402
+from tests.serving_fixtures import RunningServer, build_model_repository, random_images, reference_outputs  # noqa: E402
 
 SIZE = 32
 
@@ -23,7 +22,7 @@ def repository(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(repository):
-    with LiveServer(repository) as server:
+    with RunningServer(repository) as server:
         triton = tc.InferenceServerClient(server.address)
         yield triton
         triton.close()
