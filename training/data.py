@@ -232,6 +232,7 @@ class FaceDataset(torch.utils.data.Dataset):
         if not kept:
             raise UserError("no usable images")
         self.samples = kept
+        self.prepared_maps: dict[Path, torch.Tensor] = {}  # map path -> [h, w]; proxy maps repeat
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -240,7 +241,9 @@ class FaceDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         image = to_model_input(read_image(sample.path), self.height, self.width)  # ImageError names the file
         if sample.map_path is not None:
-            saliency = torch.from_numpy(prepare_map(sample.map_path, self.cam_grid))
+            if sample.map_path not in self.prepared_maps:
+                self.prepared_maps[sample.map_path] = torch.from_numpy(prepare_map(sample.map_path, self.cam_grid))
+            saliency = self.prepared_maps[sample.map_path].clone()
         else:
             saliency = torch.zeros(self.cam_grid, dtype=torch.float32)
         return {

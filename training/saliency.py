@@ -66,13 +66,14 @@ def is_constant(array: np.ndarray) -> bool:
 def prepare_map(source: str | os.PathLike[str] | Image.Image | np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """The paper's preparation: grayscale, resize to the CAM grid (h, w), min-max -> float32 [h, w].
 
-    The resize is bilinear with antialiasing (PIL), so a 224-px map becomes the mean of its cells'
-    neighbourhoods rather than a few sampled pixels. A constant map gives zeros.
+    The resize is an area average (PIL's BOX filter): each cell's target is the mean saliency of the
+    pixels it covers, with no leakage from neighbouring cells (a bilinear reduction by 32x spreads
+    each cell over its neighbours). A constant map gives zeros.
     """
     height, width = int(grid[0]), int(grid[1])
     array = np.asarray(source, dtype=np.float32) if isinstance(source, np.ndarray) else load_map(source)
     if array.shape != (height, width):
-        resized = Image.fromarray(array.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+        resized = Image.fromarray(array.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BOX)
         array = np.asarray(resized, dtype=np.float32)
     return min_max(array)
 
