@@ -1,0 +1,171 @@
+"""The model repository: loading, versions, broken versions, default model, `cyborg models list`."""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from cyborg.cli import main as cli
+from serving import contract as c
+from serving.errors import ModelNotFound, ModelNotReady
+from serving.metrics import Metrics
+from serving.repository import ModelRepository, RepositorySettings
+from tests.serving_fixtures import build_model_repository, random_images, reference_outputs, write_model_version
+
+SETTINGS = RepositorySettings(intra_op_threads=1)
+
+
+def corrupt_onnx(folder):
+    """Garbage in model.onnx with a matching checksum: only loading can find it."""
+    (folder / c.ONNX_FILE).write_bytes(b"not an onnx model")
+    contract = c.read_contract(folder, verify=False)
+    c.write_contract(folder, c.ModelContract.from_dict({**contract.to_dict(), "files": {c.ONNX_FILE: c.sha256_file(folder / c.ONNX_FILE)}}))
+
+
+def failures(metrics: Metrics, name: str, version: int) -> float:
+    return metrics.registry.get_sample_value("cyborg_model_load_failure_total", {"model": name, "version": str(version)}) or 0.0
+
+
+def test_serves_latest_version_and_its_outputs(tmp_path):
+    build_model_repository(tmp_path, versions=(1, 2))
+    images = random_images(3)
+
+    async def main():
+        repository = ModelRepository(tmp_path, SETTINGS)
+        report = await repository.reload()
+        model = repository.get()
+        result = await model.batcher.submit(images)
+        states = [(s.version, s.state) for s in repository.statuses()]
+        await repository.close()
+        return report, model.contract.version, result, states
+
+    report, version, result, states = asyncio.run(main())
+    assert report.loaded == [("tiny", 2)] and version == 2
+    expected = reference_outputs(tmp_path / "tiny" / "2", images)
+    for name in c.OUTPUT_NAMES:
+        np.testing.assert_allclose(result.outputs[name], expected[name], atol=1e-6)
+    assert states == [(2, "READY"), (1, "UNLOADED")]
+
+
+def test_new_version_replaces_old_after_loading_and_in_flight_use_finishes(tmp_path):
+    build_model_repository(tmp_path, versions=(1,))
+
+    async def main():
+        repository = ModelRepository(tmp_path, SETTINGS)
+        await repository.reload()
+        old = repository.get()
+        holder = old.use()
+        holder.__enter__()  # a request still using v1
+        write_model_version(tmp_path, "tiny", 2)
+        reload = asyncio.ensure_future(repository.reload())
+        await asyncio.sleep(0.3)
+        assert repository.get().contract.version == 2  # v2 already serves new requests
+        assert not reload.done()  # but v1 is not unloaded while in use
+        result = await old.batcher.submit(random_images(1))  # and v1 still answers its holder
+        holder.__exit__(None, None, None)
+        report = await reload
+        await repository.close()
+        return report, result
+
+    report, result = asyncio.run(main())
+    assert report.loaded == [("tiny", 2)] and report.unloaded == [("tiny", 1)]
+    assert result.outputs["score"].shape == (1,)
+
+
+@pytest.mark.parametrize("breakage", ["checksum", "corrupt-onnx", "bad-json", "wrong-folder"])
+def test_broken_new_version_leaves_old_serving(tmp_path, breakage):
+    build_model_repository(tmp_path, versions=(1,))
+    metrics = Metrics()
+
+    async def main():
+        repository = ModelRepository(tmp_path, SETTINGS, metrics)
+        await repository.reload()
+        folder = write_model_version(tmp_path, "tiny", 2)
+        if breakage == "checksum":
+            with open(folder / c.ONNX_FILE, "ab") as handle:
+                handle.write(b"\0")
+        elif breakage == "corrupt-onnx":
+            corrupt_onnx(folder)
+        elif breakage == "bad-json":
+            (folder / c.CONTRACT_FILE).write_text('{"name": "tiny", "version": 2')
+        else:
+            folder.rename(tmp_path / "tiny" / "3")
+        report = await repository.reload()
+        again = await repository.reload()  # an unchanged broken version is not retried
+        version = repository.get().contract.version
+        states = {s.version: (s.state, s.error) for s in repository.statuses()}
+        await repository.close()
+        return report, again, version, states
+
+    report, again, version, states = asyncio.run(main())
+    broken = 3 if breakage == "wrong-folder" else 2
+    assert version == 1
+    assert [(n, v) for n, v, _ in report.failed] == [("tiny", broken)] and not again.failed
+    assert states[broken][0] == "UNAVAILABLE" and states[1][0] == "READY"
+    expected = {"checksum": "sha256", "corrupt-onnx": "ONNX Runtime cannot load", "bad-json": "unreadable", "wrong-folder": "sits in tiny/3"}
+    assert expected[breakage] in states[broken][1]
+    assert failures(metrics, "tiny", broken) == 1
+
+
+def test_lookup_errors_and_default_model(tmp_path):
+    build_model_repository(tmp_path, name="alpha", versions=(1,))
+    build_model_repository(tmp_path, name="beta", versions=(3,))
+    corrupt_onnx(write_model_version(tmp_path, "gamma", 1))
+    (tmp_path / "beta" / "4").mkdir()  # an export in progress: no model.json yet
+
+    async def main():
+        repository = ModelRepository(tmp_path, SETTINGS)
+        report = await repository.reload()
+        try:
+            assert repository.get().contract.name == "alpha"  # the first model
+            assert repository.get("beta", 3).contract.version == 3
+            with pytest.raises(ModelNotFound, match="unknown model 'nope'"):
+                repository.get("nope")
+            with pytest.raises(ModelNotFound, match="version 9 is not served"):
+                repository.get("beta", 9)
+            with pytest.raises(ModelNotReady, match="gamma.*ONNX Runtime"):
+                repository.get("gamma")
+            states = {(s.name, s.version): s.state for s in repository.statuses()}
+        finally:
+            await repository.close()
+        other = ModelRepository(tmp_path, RepositorySettings(intra_op_threads=1, default_model="beta"))
+        await other.reload()
+        default = other.get().contract.name
+        await other.close()
+        return report, states, default
+
+    report, states, default = asyncio.run(main())
+    assert sorted(report.loaded) == [("alpha", 1), ("beta", 3)]
+    assert states[("beta", 4)] == "INCOMPLETE" and states[("gamma", 1)] == "UNAVAILABLE"
+    assert default == "beta"
+
+
+def test_batching_flags_override_model_json(tmp_path):
+    build_model_repository(tmp_path)
+
+    async def main():
+        repository = ModelRepository(tmp_path, RepositorySettings(intra_op_threads=1, max_batch_size=3, max_queue_delay_ms=7))
+        await repository.reload()
+        batcher = repository.get().batcher
+        await repository.close()
+        return batcher
+
+    batcher = asyncio.run(main())
+    assert batcher.max_batch_size == 3 and batcher.max_queue_delay == pytest.approx(0.007)
+    assert batcher.max_queue_size == 256  # from model.json
+
+
+def test_models_list_table_and_json(tmp_path, capsys):
+    build_model_repository(tmp_path, versions=(1, 2))
+    with open(tmp_path / "tiny" / "2" / c.ONNX_FILE, "ab") as handle:
+        handle.write(b"\0")
+    assert cli(["models", "list", "--model-repository", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["NAME", "VERSION", "ARCHITECTURE", "INPUT"]
+    assert "error:" in table[1] and "sha256" in table[1]
+    assert table[2].split()[:5] == ["tiny", "1", "tiny_cam", "32x32", "4x4"] and table[2].endswith("ok")
+    assert cli(["models", "list", "--model-repository", str(tmp_path), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["version"], r["status"] == "ok") for r in rows] == [(2, False), (1, True)]
+    assert cli(["models", "list", "--model-repository", str(tmp_path / "missing")]) == 2
