@@ -7,6 +7,7 @@ image is called fake when its score is >= the threshold (scikit-learn's `roc_cur
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,27 +73,37 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | No
     }
 
 
-def per_source_metrics(labels: np.ndarray, scores: np.ndarray, sources: Sequence, threshold: float) -> dict[str, dict]:
-    """Metrics per source (generator or real-photo collection).
+def source_masks(labels: np.ndarray, sources: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(fakes, reals) compared for one source: its fakes against ALL reals when it has fakes (how well
+    this generator is caught), else ALL fakes against its reals (a real-photo collection)."""
+    mine = sources == source
+    if (mine & (labels == 1)).any():
+        return mine & (labels == 1), labels == 0
+    return labels == 1, mine & (labels == 0)
 
-    For a source with fakes, its AUC is those fakes against ALL reals (how well this generator is
-    caught); for a source of reals only, ALL fakes against its reals. Accuracy, TPR/FPR and counts are
-    over the source's own images at `threshold`. A missing source is reported as "unknown".
+
+def source_names(sources: Sequence, size: int) -> np.ndarray:
+    names = np.asarray(["unknown" if s in (None, "") else str(s) for s in sources], dtype=object)
+    if names.size != size:
+        raise ValueError(f"{names.size} sources for {size} samples")
+    return names
+
+
+def per_source_metrics(labels: np.ndarray, scores: np.ndarray, sources: Sequence, threshold: float) -> dict[str, dict]:
+    """Metrics per source (generator or real-photo collection), sorted by name.
+
+    AUC compares the pairs that `source_masks` defines; accuracy, TPR/FPR and counts are over the
+    source's own images at `threshold`. A missing source is reported as "unknown".
     """
     labels, scores = _as_arrays(labels, scores)
-    sources = np.asarray(["unknown" if s in (None, "") else str(s) for s in sources], dtype=object)
-    if sources.size != labels.size:
-        raise ValueError(f"{sources.size} sources for {labels.size} samples")
+    sources = source_names(sources, labels.size)
     table = {}
     for source in sorted(set(sources)):
         mine = sources == source
         metrics = binary_metrics(labels[mine], scores[mine], threshold)
-        fakes = mine & (labels == 1) if metrics["n_fake"] else labels == 1
-        reals = labels == 0 if metrics["n_fake"] else mine & (labels == 0)
-        auc = None
-        if fakes.any() and reals.any():
-            pair = fakes | reals
-            auc = float(roc_auc_score(labels[pair], scores[pair]))
+        fakes, reals = source_masks(labels, sources, source)
+        pair = fakes | reals
+        auc = float(roc_auc_score(labels[pair], scores[pair])) if fakes.any() and reals.any() else None
         table[source] = {
             "n": int(mine.sum()),
             "n_real": metrics["n_real"],
@@ -145,3 +156,305 @@ def predict(
     if not parts["scores"]:
         raise ValueError("the dataset is empty: nothing to evaluate")
     return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+TOP_FRACTION = 0.25  # the human map's "top region": its highest-valued quarter of CAM cells
+
+
+def cam_agreement(cams: np.ndarray, maps: np.ndarray, has_map: np.ndarray, labels: np.ndarray) -> dict[str, Any] | None:
+    """How well each CAM agrees with its human map (both on the CAM grid), over the images that have one.
+
+    "pearson": correlation of the two maps' cells; "mass_in_top_region": share of the CAM's mass inside
+    the top TOP_FRACTION of the map's cells (ties included), against "top_region_fraction", the share a
+    CAM spread evenly would have. Images with a constant CAM or map are left out of the measure they break.
+    None when no image has a map.
+    """
+    has_map = np.asarray(has_map, dtype=bool)
+    if not has_map.any():
+        return None
+    cams = np.asarray(cams, dtype=np.float64)[has_map].reshape(int(has_map.sum()), -1)
+    maps = np.asarray(maps, dtype=np.float64)[has_map].reshape(cams.shape)
+    labels = np.asarray(labels)[has_map]
+    cam_c = cams - cams.mean(axis=1, keepdims=True)
+    map_c = maps - maps.mean(axis=1, keepdims=True)
+    norm = np.sqrt((cam_c**2).sum(axis=1) * (map_c**2).sum(axis=1))
+    pearson = np.where(norm > 1e-12, (cam_c * map_c).sum(axis=1) / np.maximum(norm, 1e-12), np.nan)
+    region = top_region(maps)
+    usable = (region.mean(axis=1) < 1.0) & (cams.sum(axis=1) > 1e-12)
+    mass = np.where(usable, (cams * region).sum(axis=1) / np.maximum(cams.sum(axis=1), 1e-12), np.nan)
+
+    def summary(select: np.ndarray) -> dict[str, Any]:
+        return {
+            "n_maps": int(select.sum()),
+            "pearson": _nanmean(pearson[select]),
+            "mass_in_top_region": _nanmean(mass[select]),
+            "top_region_fraction": _nanmean(np.where(usable, region.mean(axis=1), np.nan)[select]),
+        }
+
+    return {
+        **summary(np.ones(labels.size, dtype=bool)),
+        "top_fraction": TOP_FRACTION,
+        "n_constant_cam_or_map": int((~np.isfinite(pearson) | ~usable).sum()),
+        "by_class": {name: summary(labels == label) for label, name in ((0, "real"), (1, "fake")) if (labels == label).any()},
+    }
+
+
+def top_region(maps: np.ndarray) -> np.ndarray:
+    """Boolean masks of each map's top TOP_FRACTION of cells (ties included): maps [N, ...] -> same shape."""
+    flat = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
+    k = max(1, round(TOP_FRACTION * flat.shape[1]))
+    cut = -np.sort(-flat, axis=1)[:, k - 1 : k]
+    return (flat >= cut).reshape(np.shape(maps))
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else None
+
+
+def plot_roc(labels: np.ndarray, scores: np.ndarray, sources: Sequence, threshold: float, path: str | Path) -> None:
+    """ROC curves, overall and per source (the pairs of `source_masks`), with the operating point."""
+    from matplotlib.figure import Figure
+
+    labels, scores = _as_arrays(labels, scores)
+    sources = source_names(sources, labels.size)
+    figure = Figure(figsize=(6.4, 6.0), layout="constrained")
+    ax = figure.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    if labels.min() == labels.max():
+        ax.text(0.5, 0.5, "ROC undefined: only one class present", ha="center", va="center")
+    else:
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, color="black", linewidth=2.5, label=f"all (AUC {roc_auc_score(labels, scores):.3f})")
+        point = binary_metrics(labels, scores, threshold)
+        ax.plot(point["fpr"], point["tpr"], "o", color="black", label=f"threshold {threshold:.3g}")
+        names = sorted(set(sources))
+        if len(names) > 1:
+            for source in names:
+                fakes, reals = source_masks(labels, sources, source)
+                if fakes.any() and reals.any():
+                    pair = fakes | reals
+                    fpr, tpr, _ = roc_curve(labels[pair], scores[pair])
+                    auc = roc_auc_score(labels[pair], scores[pair])
+                    ax.plot(fpr, tpr, linewidth=1.2, label=f"{source} (AUC {auc:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (reals called fake)", ylabel="true positive rate (fakes caught)")
+    ax.set_title(f"ROC: {int((labels == 0).sum())} real, {int((labels == 1).sum())} fake")
+    ax.legend(loc="lower right", fontsize="small")
+    figure.savefig(path, dpi=110)
+
+
+def pick_examples(labels: np.ndarray, scores: np.ndarray, count: int) -> list[int]:
+    """Up to `count` positions, half of each class where possible, spread from lowest to highest score."""
+    picked: list[int] = []
+    per_class = {label: np.flatnonzero(labels == label) for label in (0, 1)}
+    quota = {label: min(len(idx), count // 2) for label, idx in per_class.items()}
+    spare = count - sum(quota.values())
+    for label in (0, 1):  # one class short: the other fills the grid
+        extra = min(spare, len(per_class[label]) - quota[label])
+        quota[label] += extra
+        spare -= extra
+    for label, positions in per_class.items():
+        ordered = positions[np.argsort(scores[positions], kind="stable")]
+        if quota[label]:
+            picked += [int(ordered[i]) for i in np.linspace(0, len(ordered) - 1, quota[label]).round().astype(int)]
+    return picked
+
+
+def plot_cams(
+    images: np.ndarray,
+    cams: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    path: str | Path,
+    regions: np.ndarray | None = None,
+    columns: int = 4,
+) -> None:
+    """A grid of CAM overlays: images uint8 [N, 3, H, W], cams [N, h, w] in [0, 1]; a white line
+    outlines the human map's top region where `regions` (bool [N, h, w], all False: no map) mark one."""
+    from matplotlib.figure import Figure
+
+    from serving.contract import CLASS_NAMES
+
+    count = len(images)
+    rows = max(1, -(-count // columns))
+    height, width = images.shape[-2:]
+    upsampled = upsample(cams, height, width)
+    figure = Figure(figsize=(2.6 * columns, 2.8 * rows + 0.4), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    overlay = None
+    for position, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if position >= count:
+            continue
+        ax.imshow(images[position].transpose(1, 2, 0))
+        overlay = ax.imshow(upsampled[position], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+        if regions is not None and 0 < regions[position].mean() < 1:
+            mask = upsample(regions[position][None].astype(np.float32), height, width, mode="nearest")[0]
+            ax.contour(mask, levels=[0.5], colors="white", linewidths=1.0)
+        correct = (scores[position] >= threshold) == bool(labels[position])
+        ax.set_title(f"{CLASS_NAMES[int(labels[position])]}: fake {scores[position]:.2f}", color="green" if correct else "red", fontsize=9)
+    if overlay is not None:
+        figure.colorbar(overlay, ax=axes, shrink=0.6, label="CAM of the predicted class")
+    figure.suptitle(f"CAM overlays (title green = correct at threshold {threshold:.3g}; white line = human map's top region)", fontsize=9)
+    figure.savefig(path, dpi=100)
+
+
+def upsample(maps: np.ndarray, height: int, width: int, mode: str = "bilinear") -> np.ndarray:
+    """[N, h, w] grid maps -> [N, height, width] for drawing over the images."""
+    tensor = torch.as_tensor(np.asarray(maps, dtype=np.float32))[:, None]
+    options = {"align_corners": False} if mode == "bilinear" else {}
+    return torch.nn.functional.interpolate(tensor, size=(height, width), mode=mode, **options)[:, 0].numpy()
+
+
+SPLIT_CHOICES = ("auto", "test", "val", "train", "all")
+
+
+def select_samples(samples: list, split: str, val_fraction: float, seed: int) -> tuple[list, str]:
+    """The samples of `split` ("auto": test when the data has a test split, else all), with the name used.
+
+    "val" is the checkpoint's own validation split: the data's, else the same seeded hold-out the trainer made.
+    """
+    from cyborg.errors import UserError
+    from training.data import split_samples
+
+    if split not in SPLIT_CHOICES:
+        raise UserError(f"--split {split!r}: choose one of {', '.join(SPLIT_CHOICES)}")
+    splits = split_samples(samples, val_fraction, seed)
+    if split == "auto":
+        split = "test" if splits["test"] else "all"
+    chosen = list(samples) if split == "all" else splits[split]
+    if not chosen:
+        counts = ", ".join(f"{name} {len(items)}" for name, items in splits.items())
+        raise UserError(f"--split {split}: no images in that split (found: {counts}); choose another --split")
+    return chosen, split
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    csv: str | Path | None = None,
+    heatmaps: str | Path | None = None,
+    split: str = "auto",
+    threshold: float | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    workers: int = 0,
+    max_cams: int = 16,
+    skip_unreadable: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on a data set; writes OUT/results.json, roc.png, cams.png, predictions.csv.
+
+    The threshold is `threshold` if given, else the one chosen on the checkpoint's validation split
+    (its val_metrics["eer_threshold"]), never one fitted to the evaluated data.
+    """
+    import csv as csv_module
+    import datetime
+    import json
+    import logging
+
+    from cyborg import __version__
+    from serving.contract import CLASS_NAMES
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
+    from training.data import FaceDataset, discover, saliency_provenance, summarise
+    from training.distributed import resolve_device
+    from training.model import cam_grid
+
+    log = logging.getLogger(__name__)
+    checkpoint, out = Path(checkpoint), Path(out)
+    state = load_checkpoint(checkpoint)
+    model, config = model_from_checkpoint(state)
+    torch_device = resolve_device(device)
+    model.to(torch_device)
+    image_size = int(state.get("image_size") or config.image_size or 224)
+    grid = tuple(state.get("cam_grid") or cam_grid(model, image_size))
+
+    samples, split = select_samples(discover(data, csv, heatmaps), split, config.val_fraction, config.seed)
+    dataset = FaceDataset(samples, image_size, grid, skip_unreadable=skip_unreadable)
+    trained_on = (state.get("data") or {}).get("root")
+    includes_training = split in ("all", "train") and bool(trained_on) and Path(trained_on).resolve() == Path(data).resolve()
+    if includes_training:
+        log.warning("%s is the data this checkpoint was trained on and --split %s includes its training images", data, split)
+
+    val_metrics = state.get("val_metrics") or {}
+    if threshold is not None:
+        threshold_source = "--threshold"
+    elif val_metrics.get("eer_threshold") is not None:
+        threshold, threshold_source = float(val_metrics["eer_threshold"]), "checkpoint val_metrics.eer_threshold (chosen on validation)"
+    else:
+        threshold, threshold_source = FALLBACK_THRESHOLD, "default (the checkpoint has no validation EER threshold)"
+
+    predictions = predict(model, dataset, batch_size=batch_size, device=torch_device, workers=workers, with_cams=True)
+    kept = [dataset.samples[i] for i in predictions["indices"]]
+    labels, scores, sources = predictions["labels"], predictions["scores"], [s.source for s in kept]
+    metrics = binary_metrics(labels, scores, threshold)
+    has_map = predictions["has_saliency"]
+    maps_kind = saliency_provenance(kept)
+    agreement = cam_agreement(predictions["cams"], predictions["saliency"], has_map, labels)
+    if agreement is not None:
+        agreement = {"maps": maps_kind, **agreement}
+
+    out.mkdir(parents=True, exist_ok=True)
+    plot_roc(labels, scores, sources, threshold, out / "roc.png")
+    chosen = pick_examples(labels, scores, max_cams)
+    if chosen:
+        images = np.stack([dataset[int(predictions["indices"][i])]["image"].numpy() for i in chosen])
+        regions = top_region(predictions["saliency"][chosen]) & has_map[chosen, None, None]
+        plot_cams(images, predictions["cams"][chosen], labels[chosen], scores[chosen], threshold, out / "cams.png", regions)
+    with (out / "predictions.csv").open("w", newline="") as handle:
+        writer = csv_module.writer(handle)
+        writer.writerow(["path", "source", "label", "score", "called"])
+        for sample, label, score in zip(kept, labels, scores):
+            writer.writerow([str(sample.path), sample.source, CLASS_NAMES[int(label)], f"{score:.6f}", CLASS_NAMES[int(score >= threshold)]])
+
+    results = {
+        **{key: metrics[key] for key in ("auc", "eer", "accuracy", "threshold", "tpr", "fpr", "n_real", "n_fake")},
+        "n_images": int(labels.size),
+        "threshold_source": threshold_source,
+        "eer_threshold_on_this_data": metrics["eer_threshold"],
+        "per_source": per_source_metrics(labels, scores, sources, threshold),
+        "cam_agreement": agreement,
+        "checkpoint": {
+            "path": str(checkpoint.resolve()),
+            "sha256": file_sha256(checkpoint),
+            "arch": config.arch,
+            "guidance": config.guidance,
+            "alpha": config.alpha,
+            "epoch": state.get("epoch"),
+            "best": state.get("best"),
+            "saliency": state.get("saliency"),
+            "image_size": image_size,
+            "cam_grid": list(grid),
+            "val_metrics": val_metrics or None,
+            "trained_on": trained_on,
+        },
+        "data": {
+            "root": str(Path(data).resolve()),
+            "csv": str(csv) if csv else None,
+            "heatmaps": str(heatmaps) if heatmaps else None,
+            "split": split,
+            "counts": summarise(kept),
+            "maps": maps_kind,
+            "n_with_maps": int(has_map.sum()),
+            "skipped_unreadable": len(samples) - len(kept),
+            "includes_training_images": includes_training,
+        },
+        "out": str(out.resolve()),
+        "files": {"roc": "roc.png", "cams": "cams.png" if chosen else None, "predictions": "predictions.csv"},
+        "device": str(torch_device),
+        "cyborg_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results

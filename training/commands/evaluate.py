@@ -1,0 +1,82 @@
+"""`cyborg evaluate CHECKPOINT DATA --out DIR`: AUC, EER, accuracy, per-source table, ROC and CAM pictures."""
+
+from __future__ import annotations
+
+import argparse
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by `cyborg train` (best.pt or last.pt)")
+    parser.add_argument("data", metavar="DATA", help="plain-layout folder (real/, fake/, maps/) or the root the --csv paths hang from")
+    parser.add_argument("--csv", help="the authors' CSV (split,class,path[,source])")
+    parser.add_argument("--heatmaps", help="folder of human maps matched by file name")
+    parser.add_argument(
+        "--split",
+        default="auto",
+        help="auto, test, val, train or all: the data's test split, the checkpoint's validation split, train, or all "
+        "(default auto: test when the data has one, else all)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="score at or above which an image is called fake (default: the EER threshold the checkpoint "
+        "chose on its validation split)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    parser.add_argument("--cams", type=int, default=16, help="images in the CAM overlay grid (default 16)")
+    parser.add_argument("--skip-unreadable", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    parser.add_argument("--out", required=True, help="output folder for results.json, roc.png, cams.png, predictions.csv")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cyborg.errors import UserError
+    from training.evaluate import evaluate_checkpoint
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold {args.threshold}: must be in [0, 1] (a fake probability)")
+    if args.cams < 0 or args.workers < 0:
+        raise UserError("--cams and --workers must not be negative")
+    results = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        args.out,
+        csv=args.csv,
+        heatmaps=args.heatmaps,
+        split=args.split,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        device=args.device,
+        workers=args.workers,
+        max_cams=args.cams,
+        skip_unreadable=args.skip_unreadable,
+    )
+    print(summary(results))
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def summary(results: dict) -> str:
+    """A short human-readable table of the results."""
+    lines = [
+        f"{results['n_images']} images ({results['n_real']} real, {results['n_fake']} fake), split {results['data']['split']}",
+        f"AUC {_fmt(results['auc'])}  EER {_fmt(results['eer'])}  accuracy {_fmt(results['accuracy'])} "
+        f"at threshold {results['threshold']:.4f} ({results['threshold_source']})",
+        f"{'source':<20} {'n':>6} {'AUC':>8} {'accuracy':>9} {'mean score':>11}",
+    ]
+    for source, row in results["per_source"].items():
+        lines.append(f"{source:<20} {row['n']:>6} {_fmt(row['auc']):>8} {_fmt(row['accuracy']):>9} {_fmt(row['mean_score']):>11}")
+    agreement = results.get("cam_agreement")
+    if agreement:
+        lines.append(
+            f"CAM vs {agreement['maps']} maps ({agreement['n_maps']} images): Pearson {_fmt(agreement['pearson'])}, "
+            f"CAM mass in the map's top {agreement['top_fraction']:.0%} {_fmt(agreement['mass_in_top_region'])} "
+            f"(even spread: {_fmt(agreement['top_region_fraction'])})"
+        )
+    lines.append(f"wrote {results['out']}: " + ", ".join(name for name in ("results.json", *results["files"].values()) if name))
+    return "\n".join(lines)
