@@ -72,6 +72,8 @@ def inspect_maps(samples, images, maps_expected: bool, report: Report) -> None:
 
     stats = {}
     for sample in samples:
+        if sample not in images:
+            continue  # a missing or unreadable image is already an error
         if sample.map_path is None:
             if maps_expected:
                 report.add("warning", "missing_map", "images without a saliency map (CE only)", str(sample.path))
@@ -87,7 +89,7 @@ def inspect_maps(samples, images, maps_expected: bool, report: Report) -> None:
             continue
         if stat.constant:
             report.add("warning", "constant_map", "constant saliency maps (no information; prepared as zeros)", str(sample.map_path))
-        if sample in images and images[sample][0] != stat.size:
+        if images[sample][0] != stat.size:
             (iw, ih), (mw, mh) = images[sample][0], stat.size
             report.add(
                 "warning",
@@ -112,7 +114,7 @@ def inspect_overlaps(samples, images, maps_used: bool, report: Report) -> None:
         if len({s.label for s in group}) > 1:
             report.add("error", "conflicting_labels", "the same image content under both labels", files)
         if len({s.split for s in group}) > 1:
-            report.add("error", "shared_content", "the same image content in more than one split (a leak)", files)
+            report.add("error", "shared_content", "the same image content in more than one split, a leak", files)
         else:
             report.add("warning", "duplicate_content", "the same image content more than once within a split", files)
     for name, group in by_name.items():
@@ -155,6 +157,12 @@ def check(data, csv=None, heatmaps=None) -> dict[str, Any]:
     if with_map == 0:
         report.add("warning", "no_maps", "no saliency maps: every image contributes CE only (`cyborg saliency prior` writes proxy maps)", str(data))
     problems = report.as_list()
+    notes = []
+    splits = {s.split for s in samples}
+    if "val" not in splits:
+        notes.append("no validation split: `cyborg train` holds out a seeded, label-stratified --val-fraction of train")
+    if "test" not in splits:
+        notes.append("no test split: evaluate on separate data (`cyborg evaluate CHECKPOINT DATA`)")
     return {
         "data": str(Path(data)),
         "csv": str(csv) if csv else None,
@@ -166,6 +174,7 @@ def check(data, csv=None, heatmaps=None) -> dict[str, Any]:
         "errors": report.count("error"),
         "warnings": report.count("warning"),
         "problems": problems,
+        "notes": notes,
     }
 
 
@@ -184,10 +193,11 @@ def format_report(result: dict[str, Any], limit: int = 5) -> str:
         lines.append(f"{split}: {counts.get('real', 0)} real, {counts.get('fake', 0)} fake")
     for problem in result["problems"]:
         files = problem["files"]
-        lines.append(f"{problem['severity']}: {len(files)} {problem['message']}")
+        lines.append(f"{problem['severity']}: {problem['message']} ({len(files)})")
         lines += [f"    {item}" for item in files[:limit]]
         if len(files) > limit:
             lines.append(f"    ... and {len(files) - limit} more (--json lists all)")
+    lines += [f"note: {note}" for note in result["notes"]]
     lines.append(f"{result['errors']} error(s), {result['warnings']} warning(s)")
     return "\n".join(lines)
 
