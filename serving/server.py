@@ -110,6 +110,7 @@ class Server:
         self.metrics_port: int | None = None
         self._metrics_http = None
         self._stopping = False
+        self._model_names: set[str] = set()
 
     async def start(self) -> None:
         """Start accepting calls (health NOT_SERVING), load and warm the models, then report SERVING."""
@@ -131,8 +132,10 @@ class Server:
         for name in ("", *self.services):
             await self.health.set(name, serving if ready else not_serving)
         loaded = {model.contract.name for model in self.repository.loaded()}
-        for status in self.repository.statuses():
-            await self.health.set(status.name, serving if status.name in loaded else not_serving)
+        names = {status.name for status in self.repository.statuses()}
+        for name in sorted(names | self._model_names):  # a model removed from disk reads NOT_SERVING
+            await self.health.set(name, serving if name in loaded else not_serving)
+        self._model_names |= names
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: health NOT_SERVING, refuse new calls, let in-flight calls finish."""

@@ -101,6 +101,13 @@ def test_broken_version_leaves_old_serving_and_health_follows_models(tmp_path):
         failures = server.server.metrics.registry.get_sample_value("cyborg_model_load_failure_total", {"model": "tiny", "version": "2"})
         assert failures == 1
 
+        import shutil
+
+        shutil.rmtree(tmp_path / "tiny")  # the model leaves the repository
+        report = server.call(server.server.repository.reload)
+        assert report.unloaded == [("tiny", 1)]
+        assert health_of(channel, "tiny") == NOT_SERVING and health_of(channel) == NOT_SERVING
+
 
 def test_graceful_shutdown_lets_in_flight_requests_finish(tmp_path):
     build_model_repository(tmp_path)
