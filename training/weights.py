@@ -166,7 +166,12 @@ def load_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor]) -> 
         if key in state and key in own and state[key].shape != own[key].shape:
             del state[key]
             dropped = True
-    missing = sorted(set(own) - set(state) - ({f"{head}.weight", f"{head}.bias"} if dropped else set()))
+    # Files saved before PyTorch 0.4.1 lack BatchNorm's num_batches_tracked; PyTorch itself fills it in.
+    missing = sorted(
+        key
+        for key in set(own) - set(state) - ({f"{head}.weight", f"{head}.bias"} if dropped else set())
+        if not key.endswith("num_batches_tracked")
+    )
     unexpected = sorted(set(state) - set(own))
     wrong_shape = sorted(key for key in set(state) & set(own) if state[key].shape != own[key].shape)
     if missing or unexpected or wrong_shape:
@@ -178,7 +183,7 @@ def load_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor]) -> 
                 if keys
             )
         )
-    backbone.load_state_dict(state, strict=not dropped)
+    backbone.load_state_dict(state, strict=False)  # every mismatch was refused above
     return dropped
 
 
