@@ -98,7 +98,7 @@ class DataPlane:
     # ---- inference -----------------------------------------------------------------------
     async def detect(self, request: DetectRequest) -> DetectResult:
         started = time.perf_counter()
-        model = self.repository.get(request.model, request.version)
+        model = self._lookup(request.model, request.version)
         labels = (model.contract.name, str(model.contract.version))
         try:
             if request.heatmap not in HEATMAP_KINDS:
@@ -146,7 +146,7 @@ class DataPlane:
     async def infer(self, name: str, version: int, images: np.ndarray, deadline: float | None = None) -> dict[str, np.ndarray]:
         """Raw inference: uint8 [B,3,H,W] at the model's input size -> {"score", "logits", "cam"}."""
         started = time.perf_counter()
-        model = self.repository.get(name, version)
+        model = self._lookup(name, version)
         labels = (model.contract.name, str(model.contract.version))
         try:
             expected = model.contract.input_shape
@@ -161,6 +161,15 @@ class DataPlane:
             raise
         self.metrics.request_succeeded(*labels, time.perf_counter() - started)
         return result.outputs
+
+    def _lookup(self, name: str, version: int):
+        """The loaded model for a request; a failed lookup is counted under empty model labels
+        (never the requested name, which a client could vary without bound)."""
+        try:
+            return self.repository.get(name, version)
+        except Exception as error:
+            self.metrics.request_failed("", "", reason_of(error))
+            raise
 
     # ---- worker-pool steps ---------------------------------------------------------------
     def _prepare(self, request: DetectRequest, contract: ModelContract) -> tuple[np.ndarray, np.ndarray]:

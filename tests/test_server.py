@@ -198,7 +198,11 @@ def test_metrics_move(server, stub):
     stub.Detect(pb.DetectRequest(image=png_bytes(random_images(1)[0])))
     with pytest.raises(grpc.RpcError):
         stub.Detect(pb.DetectRequest(image=b"junk"))
+    with pytest.raises(grpc.RpcError):
+        stub.Detect(pb.DetectRequest(image=b"junk", model="nope"))
     after = scrape(server)
+    unknown = (("model", ""), ("reason", "not_found"), ("version", ""))
+    assert after[("cyborg_inference_request_failure_total", unknown)] - before.get(("cyborg_inference_request_failure_total", unknown), 0) == 1
     moved = lambda name, extra=(): after[(name, tuple(sorted(labels + extra)))] - before.get((name, tuple(sorted(labels + extra))), 0)  # noqa: E731
     assert moved("cyborg_inference_request_success_total") == 1
     assert moved("cyborg_inference_request_failure_total", (("reason", "invalid_argument"),)) == 1
