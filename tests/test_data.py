@@ -44,6 +44,9 @@ def test_plain_layout_with_split_folders(tmp_path):
     samples = discover(data)
     assert Counter(s.split for s in samples) == {"train": 4, "val": 3, "test": 2}
     assert all((s.map_path is None) == (s.split == "test") for s in samples)
+    (data / "real").mkdir()
+    with pytest.raises(UserError, match="use one layout"):
+        discover(data)
 
 
 def test_csv_layout_authors_format(tmp_path):

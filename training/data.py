@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -155,6 +156,8 @@ def discover(
             raise UserError(f"--csv {csv}: no rows")
         return samples
     split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in sorted(data.iterdir()) if p.is_dir() and p.name.lower() in SPLIT_ALIASES}
+    if split_dirs and any((data / name).is_dir() for name in LABELS):
+        raise UserError(f"{data}: holds both split folders ({', '.join(p.name for p in split_dirs.values())}) and real/ or fake/; use one layout")
     folders = split_dirs if split_dirs else {"train": data}
     samples = []
     for split, folder in folders.items():
@@ -201,6 +204,15 @@ def check_opens(path: Path) -> str | None:
     return None
 
 
+def sample_problem(sample: Sample) -> str | None:
+    """None if the image and its map (if any) open, else what is wrong."""
+    reason = check_opens(sample.path)
+    if reason is None and sample.map_path is not None:
+        map_reason = check_opens(sample.map_path)
+        reason = f"map {sample.map_path} {map_reason}" if map_reason else None
+    return reason
+
+
 class FaceDataset(torch.utils.data.Dataset):
     """Samples as model inputs: uint8 [3, H, W] images, labels and maps on the CAM grid."""
 
@@ -213,17 +225,10 @@ class FaceDataset(torch.utils.data.Dataset):
     ):
         self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.cam_grid = (int(cam_grid[0]), int(cam_grid[1]))
-        problems = []
-        kept = []
-        for sample in samples:
-            reason = check_opens(sample.path)
-            if reason is None and sample.map_path is not None:
-                map_reason = check_opens(sample.map_path)
-                reason = f"map {sample.map_path} {map_reason}" if map_reason else None
-            if reason is None:
-                kept.append(sample)
-            else:
-                problems.append(f"{sample.path} ({reason})")
+        with ThreadPoolExecutor(max_workers=8) as pool:  # header reads: I/O bound
+            reasons = list(pool.map(sample_problem, samples))
+        problems = [f"{sample.path} ({reason})" for sample, reason in zip(samples, reasons) if reason]
+        kept = [sample for sample, reason in zip(samples, reasons) if not reason]
         if problems:
             summary = f"{len(problems)} unreadable image(s) or map(s): {name_list(problems)}"
             if not skip_unreadable:
