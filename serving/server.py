@@ -43,6 +43,7 @@ class ServerConfig:
     max_batch_size: int | None = None  # None: each model's model.json
     max_queue_delay_ms: float | None = None
     max_queue_size: int | None = None
+    instances: int = 1  # batches of one model that may run at once (Triton's instance count)
     poll_seconds: float = 0.0  # 0: no polling (reload on SIGHUP or through the API only)
     backend: str = "auto"
     device: str = "auto"
@@ -176,6 +177,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         max_batch_size=config.max_batch_size,
         max_queue_delay_ms=config.max_queue_delay_ms,
         max_queue_size=config.max_queue_size,
+        max_inflight_batches=config.instances,
         default_model=config.default_model,
     )
     repository = ModelRepository(config.model_repository, settings, metrics)

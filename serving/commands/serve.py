@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, help="override every model's batching.max_batch_size")
     parser.add_argument("--max-queue-delay-ms", type=float, help="override every model's batching.max_queue_delay_ms")
     parser.add_argument("--max-queue-size", type=int, help="override every model's batching.max_queue_size (requests)")
+    parser.add_argument("--instances", type=int, default=1, help="batches of one model that may run at once (default: 1)")
     parser.add_argument("--poll-seconds", type=float, default=0.0, help="rescan the repository this often (default: 0 = only on SIGHUP)")
     parser.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto", help="engine (default: auto)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: auto)")
@@ -34,7 +35,7 @@ def config_from_args(args: argparse.Namespace):
     from cyborg.errors import UserError
     from serving.server import ServerConfig
 
-    for flag in ("max_batch_size", "max_queue_size", "max_message_mb", "max_image_pixels"):
+    for flag in ("max_batch_size", "max_queue_size", "instances", "max_message_mb", "max_image_pixels"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
@@ -49,6 +50,7 @@ def config_from_args(args: argparse.Namespace):
         max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size,
+        instances=args.instances,
         poll_seconds=args.poll_seconds,
         backend=args.backend,
         device=args.device,
