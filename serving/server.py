@@ -118,7 +118,10 @@ class Server:
         await self.update_health()
         await self.grpc_server.start()
         if self.config.metrics_port is not None:
-            http, _thread = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            try:
+                http, _thread = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            except OSError as error:
+                raise UserError(f"--metrics-port {self.config.metrics_port}: cannot listen ({error.strerror})") from error
             self._metrics_http, self.metrics_port = http, http.server_port
         await self.repository.reload()  # calls update_health through on_change
         self.repository.start_polling(self.config.poll_seconds)

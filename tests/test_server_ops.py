@@ -271,3 +271,18 @@ def test_cyborg_serve_command_runs_and_stops_on_sigterm(tmp_path):
     messages = [r["message"] for r in records]
     assert "listening" in messages and "shutting down" in messages
     assert any(r.get("port") == port for r in records)
+
+
+def test_cyborg_serve_refuses_bad_settings_in_one_line(tmp_path, capsys):
+    from cyborg.cli import main as cli
+
+    build_model_repository(tmp_path / "repo")
+    cases = [
+        (["--model-repository", str(tmp_path / "missing")], "not a folder"),
+        (["--model-repository", str(tmp_path / "repo"), "--max-batch-size", "0"], "--max-batch-size 0"),
+        (["--model-repository", str(tmp_path / "repo"), "--tls-cert", str(tmp_path / "cert.pem")], "both --tls-cert and --tls-key"),
+        (["--model-repository", str(tmp_path / "repo"), "--auth-token-file", str(tmp_path / "none")], "auth token file"),
+    ]
+    for arguments, message in cases:
+        assert cli(["serve", "--port", "0", "--metrics-port", "-1", *arguments]) == 2
+        assert message in capsys.readouterr().err
