@@ -247,9 +247,11 @@ def server_process(repository: Path, timeout: float = 180.0, extra: Sequence[str
 
     from serving.inference_servicer import messages
 
-    port, metrics_port = free_port(), free_port()
-    command = [sys.executable, "-m", "cyborg.cli", "--log-level", "WARNING", "serve", "--model-repository", str(repository),
-               "--port", str(port), "--metrics-port", str(metrics_port), *extra]  # fmt: skip
+    from cyborg.errors import UserError
+
+    port = free_port()
+    command = [sys.executable, "-m", "cyborg.cli", "--log-level=WARNING", "serve", f"--model-repository={repository}",
+               f"--port={port}", "--metrics-port=-1", "--host=127.0.0.1", *extra]  # fmt: skip
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         address = f"127.0.0.1:{port}"
@@ -261,14 +263,14 @@ def server_process(repository: Path, timeout: float = 180.0, extra: Sequence[str
                 while True:
                     if process.poll() is not None:
                         log.seek(0)
-                        raise RuntimeError(f"server exited with {process.returncode}: {log.read().decode(errors='replace')[-2000:]}")
+                        raise UserError(f"the server exited with {process.returncode}: {log.read().decode(errors='replace')[-2000:]}")
                     try:
                         if ready(m.ServerReadyRequest(), timeout=2).ready:
                             break
                     except grpc.RpcError:
                         pass
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"server not ready after {timeout:.0f} s")
+                        raise UserError(f"the server was not ready after {timeout:.0f} s")
                     time.sleep(0.2)
             yield address
         finally:
@@ -300,26 +302,26 @@ def resolve_model(repository: Path, model: str | None, version: int | None) -> t
     return c.read_contract(folder / str(chosen)), folder / str(chosen)
 
 
-async def _measure_server(address: str, tensors: list[bytes], images: list[bytes], concurrency: Sequence[int],
-                          duration: float, warmup: float, rate: float | None) -> dict:  # fmt: skip
+async def _measure_server(address: str, requests: dict[str, list[bytes]], baselines: dict[str, Callable[[], float]],
+                          concurrency: Sequence[int], duration: float, warmup: float, rate: float | None) -> dict:  # fmt: skip
+    """The sweep, each server window right after its own baseline window, then the Poisson run."""
     import grpc
 
     from serving.client import DETECT_METHOD, max_message_options
 
     async with grpc.aio.insecure_channel(address, options=max_message_options()) as channel:
-        calls = {
-            "tensor": channel.unary_unary(INFER_METHOD),
-            "image": channel.unary_unary(DETECT_METHOD),
-        }
+        calls = {"tensor": channel.unary_unary(INFER_METHOD), "image": channel.unary_unary(DETECT_METHOD)}
         for kind, call in calls.items():  # each path works before it is timed
-            await call(tensors[0] if kind == "tensor" else images[0], timeout=60)
+            await call(requests[kind][0], timeout=120)
         sweep = []
         for level in concurrency:
-            for kind, requests in (("tensor", tensors), ("image", images)):
-                result = await closed_loop(calls[kind], requests, level, duration, warmup)
-                sweep.append({"kind": kind} | result)
+            for kind in ("tensor", "image"):
+                baseline = baselines[kind]()
+                result = await closed_loop(calls[kind], requests[kind], level, duration, warmup)
+                ratio = round(result["throughput"] / baseline, 3) if baseline else None
+                sweep.append({"kind": kind} | result | {"baseline": baseline, "ratio": ratio})
         peak = max(r["throughput"] for r in sweep if r["kind"] == "tensor")
-        poisson = await open_loop(calls["tensor"], tensors, rate or max(peak / 2, 0.5), max(duration, 2.0))
+        poisson = await open_loop(calls["tensor"], requests["tensor"], rate or max(peak / 2, 0.5), max(duration, 1.0))
         return {"sweep": sweep, "peak_tensor_throughput": peak, "poisson": poisson | {"kind": "tensor"}}
 
 
@@ -332,37 +334,57 @@ def run_benchmark(
     rate: float | None = None,
     images: str | None = None,
     warmup: float | None = None,
-    baseline_duration: float | None = None,
     server_args: Sequence[str] = (),
 ) -> dict:
-    """The full report as a dict (what `--json` prints)."""
+    """The full report as a dict (what `--json` prints).
+
+    The best batch is found once; then every server measurement is paired with a baseline
+    measurement of the same length taken just before it, and its ratio is to that baseline, so
+    load from other processes that drifts during the run does not bias the comparison.
+    """
     contract, folder = resolve_model(Path(repository), model, version)
     encoded = folder_images(images) if images else synthetic_images()
     tensors = np.stack([to_model_input(decode_image(data), contract.input_height, contract.input_width) for data in encoded])
     warmup = min(1.0, duration / 4) if warmup is None else warmup
-    baseline_duration = duration if baseline_duration is None else baseline_duration
+    load_before = os.getloadavg()
 
     backend = load_backend(folder)
-    tensor_base = tensor_baseline(backend, tensors, baseline_duration)
-    decode_base = decode_baseline(backend, encoded, contract, tensor_base["best_batch"], baseline_duration)
-    providers = getattr(backend, "providers", [])
-    del backend  # free its threads and memory before the server starts
+    search = tensor_baseline(backend, tensors, max(duration / 4, 0.5))
+    best = search["best_batch"]
+    measured_baselines: dict[str, list[float]] = {"tensor": [], "image": []}
 
+    def baseline(kind: str) -> Callable[[], float]:
+        def measure() -> float:
+            if kind == "tensor":
+                value = tensor_baseline(backend, tensors, duration, batches=(best,))["throughput"]
+            else:
+                value = decode_baseline(backend, encoded, contract, best, duration)["throughput"]
+            measured_baselines[kind].append(value)
+            return value
+
+        return measure
+
+    requests = {
+        "tensor": tensor_requests(tensors, contract.name, contract.version),
+        "image": image_requests(encoded, contract.name, contract.version),
+    }
     with server_process(Path(repository), extra=server_args) as address:
         measured = asyncio.run(
-            _measure_server(address, tensor_requests(tensors, contract.name, contract.version),
-                            image_requests(encoded, contract.name, contract.version), concurrency, duration, warmup, rate)  # fmt: skip
+            _measure_server(address, requests, {k: baseline(k) for k in requests}, concurrency, duration, warmup, rate)
         )
-    baselines = {"tensor": tensor_base["throughput"], "image": decode_base["throughput"]}
-    for row in measured["sweep"]:
-        row["ratio"] = round(row["throughput"] / baselines[row["kind"]], 3) if baselines[row["kind"]] else None
     return {
         "model": {"name": contract.name, "version": contract.version, "architecture": contract.architecture,
                   "input": list(contract.input_shape), "path": str(folder)},  # fmt: skip
-        "server": {"mode": "subprocess", "providers": providers, "cpus": os.cpu_count()},
+        "server": {"mode": "subprocess", "args": list(server_args), "providers": getattr(backend, "providers", []), "cpus": os.cpu_count()},
+        "load_average": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "images": {"count": len(encoded), "source": images or "synthetic 512x512 JPEG", "mean_bytes": int(np.mean([len(e) for e in encoded]))},
         "settings": {"concurrency": list(concurrency), "duration_s": duration, "warmup_s": warmup},
-        "baseline": {"tensor": tensor_base, "image": decode_base},
+        "baseline": {
+            "best_batch": best,
+            "search": search["by_batch"],
+            "tensor": round(float(np.median(measured_baselines["tensor"])), 2),
+            "image": round(float(np.median(measured_baselines["image"])), 2),
+        },
         "sweep": measured["sweep"],
         "peak_tensor_throughput": measured["peak_tensor_throughput"],
         "poisson": measured["poisson"],
@@ -393,17 +415,18 @@ def format_report(report: dict) -> str:
     lines = [
         f"model {model['name']} v{model['version']} ({model['architecture']}, input {model['input']}), "
         f"server as a {report['server']['mode']}, {report['server']['cpus']} CPUs, providers {report['server']['providers']}",
-        f"baseline, tensors in ONNX Runtime:  {base['tensor']['throughput']:8.1f} images/s at batch {base['tensor']['best_batch']}  "
-        f"(by batch: {', '.join(f'{b}: {v}' for b, v in base['tensor']['by_batch'].items())})",
-        f"baseline, decode + engine:          {base['image']['throughput']:8.1f} images/s at batch {base['image']['batch']}",
+        f"baselines without a server (median of the paired windows), at batch {base['best_batch']}: "
+        f"tensors {base['tensor']:.1f} images/s, decode + engine {base['image']:.1f} images/s "
+        f"(batch search: {', '.join(f'{b}: {v}' for b, v in base['search'].items())})",
+        f"load average {report['load_average']['before']} before, {report['load_average']['after']} after",
         "",
-        f"{'requests':<9}{'conc.':>6}{'images/s':>10}{'ratio':>7}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>7}",
+        f"{'requests':<9}{'conc.':>6}{'images/s':>10}{'baseline':>10}{'ratio':>7}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>7}",
     ]
     rows = [(row["kind"], row["concurrency"], row) for row in report["sweep"]]
     rows.append(("poisson", f"{report['poisson']['rate']}/s", report["poisson"]))
     for label, level, row in rows:
         lines.append(
-            f"{label:<9}{level!s:>6}{row['throughput']:>10.1f}{_fmt(row.get('ratio'), '.2f'):>7}"
+            f"{label:<9}{level!s:>6}{row['throughput']:>10.1f}{_fmt(row.get('baseline'), '.1f'):>10}{_fmt(row.get('ratio'), '.2f'):>7}"
             f"{_fmt(row['p50_ms'], '.1f'):>9}{_fmt(row['p90_ms'], '.1f'):>9}{_fmt(row['p99_ms'], '.1f'):>9}{row['errors']:>7}"
         )
     t = report["targets"]

@@ -1,0 +1,64 @@
+"""`cyborg bench serve`: server throughput and latency against ONNX Runtime in-process.
+
+Starts `cyborg serve` as a subprocess on free loopback ports, sweeps closed-loop concurrency with
+raw-tensor and encoded-image requests, runs a Poisson open loop at half of the peak, and measures
+the baselines without a server in the same run. See serving/bench.py and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def concurrency_list(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        levels = []
+    if not levels or any(level < 1 for level in levels):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive integers, e.g. 1,4,16,32")
+    return levels
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-repository", default="models", help="model repository to serve (default: models)")
+    parser.add_argument("--model", help="model to measure (default: the first in the repository)")
+    parser.add_argument("--version", type=int, help="model version (default: the latest)")
+    parser.add_argument("--concurrency", type=concurrency_list, default=[1, 4, 16, 32], help="closed-loop client counts (default: 1,4,16,32)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default: 10)")
+    parser.add_argument("--warmup", type=float, help="seconds before each measurement starts counting (default: min(1, duration/4))")
+    parser.add_argument("--rate", type=float, help="Poisson request rate per second (default: half of the peak tensor throughput)")
+    parser.add_argument("--images", help="folder of images to send (default: 32 synthetic 512x512 JPEGs)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="extra `cyborg serve` argument, repeatable (e.g. --server-arg=--max-queue-delay-ms=5)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cyborg.errors import UserError
+    from serving.bench import format_report, run_benchmark
+
+    if args.duration <= 0:
+        raise UserError(f"--duration {args.duration}: must be positive")
+    if args.rate is not None and args.rate <= 0:
+        raise UserError(f"--rate {args.rate}: must be positive")
+    if args.images and not Path(args.images).is_dir():
+        raise UserError(f"--images {args.images}: not a folder")
+    if not Path(args.model_repository).is_dir():
+        raise UserError(f"--model-repository {args.model_repository}: not a folder")
+    report = run_benchmark(
+        Path(args.model_repository),
+        model=args.model,
+        version=args.version,
+        concurrency=args.concurrency,
+        duration=args.duration,
+        rate=args.rate,
+        images=args.images,
+        warmup=args.warmup,
+        server_args=args.server_arg,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0

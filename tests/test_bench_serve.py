@@ -1,0 +1,52 @@
+"""`cyborg bench serve` end to end on a tiny model: a real server subprocess, short windows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cyborg.cli import main
+from serving.bench import format_report
+from tests.serving_fixtures import build_model_repository
+
+LATENCY_KEYS = {"requests", "errors", "seconds", "throughput", "p50_ms", "p90_ms", "p99_ms", "mean_ms"}
+
+
+def test_bench_serve_json_report(tmp_path, capsys):
+    repository = build_model_repository(tmp_path / "repo", name="tiny", versions=(1, 3), size=32)
+    code = main(["bench", "serve", "--model-repository", str(repository), "--concurrency", "1,2",
+                 "--duration", "0.4", "--warmup", "0.1", "--json"])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"model", "server", "baseline", "sweep", "poisson", "peak_tensor_throughput", "targets"} <= set(report)
+    assert (report["model"]["name"], report["model"]["version"]) == ("tiny", 3)
+    assert report["server"]["mode"] == "subprocess"
+
+    base = report["baseline"]
+    assert str(base["best_batch"]) in base["search"] and base["tensor"] > 0 and base["image"] > 0
+
+    assert [(row["kind"], row["concurrency"]) for row in report["sweep"]] == [("tensor", 1), ("image", 1), ("tensor", 2), ("image", 2)]
+    for row in report["sweep"] + [report["poisson"]]:
+        assert LATENCY_KEYS <= set(row)
+        assert row["errors"] == 0 and row["requests"] > 0 and row["throughput"] > 0
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    for row in report["sweep"]:
+        assert row["ratio"] == pytest.approx(row["throughput"] / row["baseline"], abs=1e-3)
+
+    peak = max(row["throughput"] for row in report["sweep"] if row["kind"] == "tensor")
+    assert report["peak_tensor_throughput"] == peak
+    assert report["poisson"]["rate"] == pytest.approx(peak / 2, rel=0.01)
+    assert report["poisson"]["p99_over_p50"] == pytest.approx(report["poisson"]["p99_ms"] / report["poisson"]["p50_ms"], rel=0.01)
+    assert report["targets"]["tensor_ratio"] is None  # no concurrency >= 16 in this run
+    assert report["targets"]["tail_met"] == (report["poisson"]["p99_over_p50"] <= 2.0)
+
+    table = format_report(report)
+    assert "poisson" in table and "targets:" in table
+
+
+def test_bench_serve_rejects_bad_options(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "serve", "--concurrency", "1,x"])
+    assert main(["bench", "serve", "--model-repository", str(tmp_path / "none")]) == 2
+    assert "not a folder" in capsys.readouterr().err
