@@ -222,17 +222,23 @@ def test_existing_version_is_refused_without_force(exported, capsys):
 
 
 def test_failure_mid_export_leaves_nothing(exported, tmp_path, monkeypatch):
+    import training.onnx_export
     import training.triton
 
-    _, checkpoint = exported
+    fixture_repo, checkpoint = exported
+
+    def reuse_export(module, path, *args):  # the fixture's graph of the same checkpoint: skips 10 s of export
+        shutil.copyfile(fixture_repo / "det" / "1" / c.ONNX_FILE, path)
+        return "dynamo"
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure after the ONNX export and parity check")
 
+    monkeypatch.setattr(training.onnx_export, "export_onnx", reuse_export)
     monkeypatch.setattr(training.triton, "triton_config", broken)
     repo = tmp_path / "models"
     with pytest.raises(RuntimeError, match="injected"):
-        export(checkpoint, "--repository", repo, "--name", "det", "--version", 1)
+        export(checkpoint, "--repository", repo, "--name", "det", "--version", 1, "--int8", "--calibration-images", 4)
     assert list(repo.iterdir()) == []
 
 
