@@ -106,7 +106,10 @@ class DataPlane:
             with model.use():
                 loop = asyncio.get_running_loop()
                 contract = model.contract
-                picture, images = await loop.run_in_executor(self.pool, self._prepare, request, contract)
+                if needs_pool(request, contract):
+                    picture, images = await loop.run_in_executor(self.pool, self._prepare, request, contract)
+                else:  # a tensor already at the model's size: no decoding, no resizing
+                    picture, images = self._prepare(request, contract)
                 decoded = time.perf_counter()
                 result = await model.batcher.submit(images, request.deadline)
                 score = float(result.outputs[SCORE_OUTPUT][0])
@@ -183,10 +186,20 @@ class DataPlane:
                 max_bytes=self.limits.max_image_bytes,
                 max_pixels=self.limits.max_image_pixels,
             )
-        else:
-            image = Image.fromarray(tensor_to_hwc(request.tensor, self.limits.max_image_pixels))
-        picture = np.asarray(image)
-        return picture, to_model_input(image, contract.input_height, contract.input_width)[None]
+            return np.asarray(image), to_model_input(image, contract.input_height, contract.input_width)[None]
+        picture = tensor_to_hwc(request.tensor, self.limits.max_image_pixels)
+        if picture.shape[:2] == (contract.input_height, contract.input_width):
+            return picture, np.ascontiguousarray(picture.transpose(2, 0, 1))[None]
+        return picture, to_model_input(Image.fromarray(picture), contract.input_height, contract.input_width)[None]
+
+
+def needs_pool(request: DetectRequest, contract: ModelContract) -> bool:
+    """Whether preparing a request takes real work (decoding or resizing) for the worker pool."""
+    tensor = request.tensor
+    if request.image is not None or tensor is None or tensor.ndim != 3:
+        return True
+    size = (contract.input_height, contract.input_width)
+    return not (tuple(tensor.shape[1:]) == size or tuple(tensor.shape[:2]) == size)
 
 
 def tensor_to_hwc(tensor: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -201,4 +214,4 @@ def tensor_to_hwc(tensor: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
         raise InvalidArgument(f"tensor {height}x{width} is too small (at least {MIN_SIDE} pixels a side)")
     if height * width > max_pixels:
         raise InvalidArgument(f"tensor {height}x{width} pixels is over the {max_pixels}-pixel limit")
-    return np.ascontiguousarray(hwc)
+    return hwc  # a view; copied where it is resized or laid out as the model input

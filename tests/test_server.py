@@ -236,3 +236,11 @@ def test_health_and_reflection(server):
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
         assert "cyborg.v1.Detector" in services and "grpc.health.v1.Health" in services
+
+
+def test_tensor_of_another_size_is_resized_like_an_image(stub, repository):
+    picture = np.asarray(Image.fromarray(random_images(1, size=48, seed=6)[0].transpose(1, 2, 0)).resize((40, 48)))
+    expected = reference_outputs(repository / "tiny" / "1", to_model_input(Image.fromarray(picture), 32, 32)[None])
+    answer = stub.Detect(pb.DetectRequest(tensor=tensor_message(picture.transpose(2, 0, 1).copy()), heatmap=pb.HEATMAP_PNG))
+    assert answer.score == pytest.approx(expected["score"][0], abs=1e-6)
+    assert Image.open(io.BytesIO(answer.heatmap.png)).size == (40, 48)
