@@ -165,6 +165,8 @@ class ModelRepository:
     def get(self, name: str = "", version: int = 0) -> LoadedModel:
         """The loaded model for a request; ModelNotFound / ModelNotReady name the problem."""
         name = name or self.default_name
+        if not name:
+            raise ModelNotFound(f"no model is served: {self.root} holds no model version folders")
         model = self._models.get(name)
         if model is None:
             if name in self._known:

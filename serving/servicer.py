@@ -22,7 +22,7 @@ HEATMAPS = {
     pb.HEATMAP_OVERLAY: "overlay",
 }
 HEATMAP_ENUMS = {name: kind for kind, name in HEATMAPS.items()}
-STREAM_WINDOW = 256  # stream requests in flight at once (back-pressure beyond that)
+STREAM_WINDOW = 256  # items of one stream or batch call in flight at once (back-pressure beyond that)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -103,7 +103,13 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 
     async def DetectBatch(self, request, context):
         deadline = deadline_of(context)
-        responses = await asyncio.gather(*(self._item(item, deadline) for item in request.requests))
+        window = asyncio.Semaphore(STREAM_WINDOW)  # a huge batch must not flood the model's queue
+
+        async def item(message: pb.DetectRequest) -> pb.DetectResponse:
+            async with window:
+                return await self._item(message, deadline)
+
+        responses = await asyncio.gather(*(item(message) for message in request.requests))
         return pb.DetectBatchResponse(responses=responses)
 
     async def DetectStream(self, request_iterator, context):

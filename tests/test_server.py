@@ -244,3 +244,11 @@ def test_tensor_of_another_size_is_resized_like_an_image(stub, repository):
     answer = stub.Detect(pb.DetectRequest(tensor=tensor_message(picture.transpose(2, 0, 1).copy()), heatmap=pb.HEATMAP_PNG))
     assert answer.score == pytest.approx(expected["score"][0], abs=1e-6)
     assert Image.open(io.BytesIO(answer.heatmap.png)).size == (40, 48)
+
+
+def test_batch_larger_than_the_model_queue_still_succeeds(stub, repository):
+    images = random_images(300, seed=7)  # the fixture's model queue holds 256 requests
+    expected = reference_outputs(repository / "tiny" / "1", images)["score"]
+    responses = stub.DetectBatch(pb.DetectBatchRequest(requests=[pb.DetectRequest(tensor=tensor_message(i)) for i in images])).responses
+    assert not [r.error.message for r in responses if r.HasField("error")]
+    assert [r.score for r in responses] == pytest.approx(expected.tolist(), abs=1e-6)
