@@ -72,6 +72,7 @@ class Batcher:
         self._inflight: set[asyncio.Task] = set()
         self._closed = False
         self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{labels[0]}-{labels[1]}")
+        self._task.add_done_callback(self._collector_ended)
 
     @property
     def pending(self) -> int:
@@ -104,6 +105,17 @@ class Batcher:
             self._executor.shutdown(wait=False)
 
     # ---- internals -----------------------------------------------------------------------
+    def _collector_ended(self, task: asyncio.Task) -> None:
+        """If the collector ever dies, no caller may wait forever: fail the queue and refuse more."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("batcher for %s v%s stopped", *self.labels, exc_info=task.exception())
+        self._closed = True
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(ShuttingDown(f"model {self.labels[0]} v{self.labels[1]}: batcher stopped"))
+
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.labels(*self.labels).set(len(self._queue))
