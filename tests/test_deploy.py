@@ -400,6 +400,7 @@ def test_installed_server_answers_health_and_stops_on_sigterm(serving_venv, tmp_
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
             metrics = response.read().decode()
         assert re.search(r'^cyborg_model_ready\{[^}]*model="tiny"[^}]*\} 1\.0$', metrics, re.M), metrics[:2000]
+        check_triton_script(tmp_path, port, repository / "tiny")
         started = time.monotonic()
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
@@ -413,6 +414,28 @@ def test_installed_server_answers_health_and_stops_on_sigterm(serving_venv, tmp_
     assert "Traceback" not in output, output[-3000:]
     after = probe(python, port)
     assert after.returncode == 1 and "UNAVAILABLE" in after.stdout
+
+
+def check_triton_script(tmp_path: Path, port: int, model_folder: Path) -> None:
+    """docs/deploy.md's tritonclient script, run unchanged against the server, matches ONNX Runtime."""
+    from PIL import Image
+
+    from serving.images import read_image, to_model_input
+    from tests.serving_fixtures import random_images, reference_outputs
+
+    pytest.importorskip("tritonclient.grpc")
+    script = tmp_path / "triton_detect.py"
+    script.write_text(docs_blocks("python")[-1])
+    image = tmp_path / "face.png"
+    Image.fromarray(random_images(1, 64)[0].transpose(1, 2, 0)).save(image)
+    result = subprocess.run([sys.executable, str(script), f"127.0.0.1:{port}", str(model_folder), str(image)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    match = re.fullmatch(r".*: (real|fake) \(fake probability ([0-9.]+)\), CAM \((\d+), (\d+)\)\n", result.stdout)
+    assert match, result.stdout
+    expected = reference_outputs(model_folder / "1", to_model_input(read_image(image), 32, 32)[None])
+    assert abs(float(match.group(2)) - float(expected["score"][0])) < 1e-4
+    assert (int(match.group(3)), int(match.group(4))) == expected["cam"].shape[1:]
 
 
 def test_probe_fails_when_no_server_listens():
@@ -651,3 +674,47 @@ def test_seed_init_container_adds_missing_versions_only(objects, tmp_path):
     assert (volume / "tiny" / "1" / "model.onnx").read_text() == "operator's v1"
     assert (volume / "tiny" / "config.pbtxt").read_text() == "operator's config"
     assert sorted(path.name for path in (volume / "tiny").iterdir()) == ["1", "2", "3", "config.pbtxt"]
+
+
+# ---- docs/deploy.md ---------------------------------------------------------------------------
+
+
+def docs_blocks(language: str) -> list[str]:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    return re.findall(rf"^ *```{language}\n(.*?)^ *```", text, re.M | re.S)
+
+
+def documented_cyborg_commands() -> list[list[str]]:
+    """Every cyborg command line in the shell blocks of docs/deploy.md: direct, through
+    `torchrun -m cyborg.cli`, or as arguments to the image's entry point in `docker run`."""
+    stages = dockerfile_stages(DOCKERFILE.read_text())
+    entrypoint = exec_form(instruction_values(stages[-1], "ENTRYPOINT")[-1])
+    commands = []
+    for block in docs_blocks("sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if "-m" in words and words[words.index("-m") + 1] == "cyborg.cli":
+                commands.append(["cyborg", *words[words.index("-m") + 2 :]])
+            elif words[:2] == ["docker", "run"]:
+                image = next((i for i, word in enumerate(words) if re.fullmatch(r"cyborg:(gpu|cpu)", word)), None)
+                if image is not None:
+                    commands.append([*entrypoint, *words[image + 1 :]])
+            elif words[:1] == ["cyborg"]:
+                commands.append(words)
+    return commands
+
+
+def test_documented_commands_parse_with_the_cli():
+    commands = documented_cyborg_commands()
+    assert any(command[1:2] == ["train"] for command in commands)
+    assert sum(command[1:2] == ["serve"] for command in commands) >= 3
+    for command in commands:
+        parse_cyborg(command)
+
+
+def test_documented_files_exist():
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    paths = set(re.findall(r"`((?:deploy|docs|serving|training|tests)/[\w./-]+|Dockerfile|\.hadolint\.yaml)`", text))
+    assert "deploy/kubernetes/" in paths
+    for path in paths:
+        assert (ROOT / path).exists(), path
