@@ -280,7 +280,8 @@ def plot_cams(
     rows = max(1, -(-count // columns))
     height, width = images.shape[-2:]
     upsampled = upsample(cams, height, width)
-    figure = Figure(figsize=(2.6 * columns, 2.8 * rows + 0.4), layout="constrained")
+    figure = Figure(figsize=(2.6 * columns + 0.8, 2.8 * rows + 0.7))
+    figure.subplots_adjust(left=0.01, right=0.88, bottom=0.01, top=1 - 0.75 / (2.8 * rows + 0.7), wspace=0.05, hspace=0.15)
     axes = figure.subplots(rows, columns, squeeze=False)
     overlay = None
     for position, ax in enumerate(axes.flat):
@@ -295,7 +296,7 @@ def plot_cams(
         correct = (scores[position] >= threshold) == bool(labels[position])
         ax.set_title(f"{CLASS_NAMES[int(labels[position])]}: fake {scores[position]:.2f}", color="green" if correct else "red", fontsize=9)
     if overlay is not None:
-        figure.colorbar(overlay, ax=axes, shrink=0.6, label="CAM of the predicted class")
+        figure.colorbar(overlay, cax=figure.add_axes((0.9, 0.2, 0.02, 0.6)), label="CAM of the predicted class")
     figure.suptitle(f"CAM overlays (title green = correct at threshold {threshold:.3g}; white line = human map's top region)", fontsize=9)
     figure.savefig(path, dpi=100)
 
