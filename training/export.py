@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -246,6 +247,17 @@ def load_model(path: Path):
     return state, model, config
 
 
+def jsonable(value: Any) -> Any:
+    """`value` with numpy/torch scalars and arrays, paths and tuples turned into plain JSON types."""
+
+    def convert(item: Any) -> Any:
+        if hasattr(item, "tolist"):
+            return item.tolist()
+        return str(item)
+
+    return json.loads(json.dumps(value, default=convert))
+
+
 def training_provenance(state: dict[str, Any], config, checkpoint: Path) -> dict[str, Any]:
     saliency = state.get("saliency") or ("none" if not config.heatmaps else "human")
     return {
@@ -297,11 +309,15 @@ def build_version(request, state, model, config, threshold, threshold_info, fold
     from training.triton import triton_config
 
     size = int(state["image_size"])
-    grid = tuple(state.get("cam_grid") or cam_grid(model, size))
+    grid = cam_grid(model, size)
+    if state.get("cam_grid") and tuple(state["cam_grid"]) != tuple(grid):
+        log.warning("checkpoint says CAM grid %s but the model gives %s; using the model's", state["cam_grid"], grid)
     module = ExportModule(model).eval()
     exporter = export_onnx(module, folder / c.ONNX_FILE, size, size)
 
-    paths, labels = validation_images(state)
+    paths, _ = validation_images(state)
+    if not paths:
+        log.warning("none of the checkpoint's validation images exist here; parity is checked on random images only")
     rng = np.random.default_rng(0)
     parity_images = np.concatenate([
         load_images(spread(paths, PARITY_VALIDATION_IMAGES), size, size),
@@ -334,8 +350,8 @@ def build_version(request, state, model, config, threshold, threshold_info, fold
         mean=tuple(float(v) for v in state["mean"]),
         std=tuple(float(v) for v in state["std"]),
         threshold=float(threshold),
-        metrics=metrics,
-        training=training_provenance(state, config, request.checkpoint),
+        metrics=jsonable(metrics),
+        training=jsonable(training_provenance(state, config, request.checkpoint)),
         created=c.utc_now(),
     )
     (folder / c.TRITON_CONFIG_FILE).write_text(triton_config(contract))
