@@ -56,7 +56,10 @@ RUN groupadd --system --gid 10001 cyborg \
 COPY --from=builder /opt/venv /opt/venv
 COPY deploy/healthcheck.py /opt/cyborg/healthcheck.py
 COPY models/ /models/
-ENV PATH=/opt/venv/bin:${PATH}
+# matplotlib (heatmap colours) keeps its cache under /tmp: the home folder does not exist and the
+# root file system may be read-only (Kubernetes mounts an emptyDir at /tmp).
+ENV PATH=/opt/venv/bin:${PATH} \
+    MPLCONFIGDIR=/tmp/matplotlib
 USER 10001:10001
 # 8001: gRPC (cyborg.v1 and the Open Inference Protocol, grpc.health.v1, reflection);
 # 8002: Prometheus metrics. The same numbers as Triton's gRPC and metrics ports.

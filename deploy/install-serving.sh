@@ -49,10 +49,13 @@ if [ "$variant" = gpu ]; then
     # shellcheck disable=SC2086  # the requirements are meant to split into words
     "$pip" install --quiet --extra-index-url "$GPU_INDEX" $GPU_REQUIREMENTS
     # A fixed path for the TensorRT libraries, whatever the Python version (see LD_LIBRARY_PATH in
-    # the Dockerfile): onnxruntime's TensorRT provider loads libnvinfer from there.
-    ln -s "$("$venv/bin/python" -c \
-        'import importlib.util; print(importlib.util.find_spec("tensorrt_libs").submodule_search_locations[0])')" \
-        "$venv/tensorrt_libs"
+    # the Dockerfile): onnxruntime's TensorRT provider loads libnvinfer.so.10 from there.
+    nvinfer="$(find "$venv/lib" -name 'libnvinfer.so.10*' -print | head -n 1)"
+    if [ -z "$nvinfer" ]; then
+        echo "$0: the TensorRT wheels installed no libnvinfer.so.10" >&2
+        exit 1
+    fi
+    ln -s "$(dirname "$nvinfer")" "$venv/tensorrt_libs"
 fi
 
 # The serving image must never carry torch.

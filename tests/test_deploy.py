@@ -308,11 +308,25 @@ def test_gpu_pins_match_what_onnxruntime_links(stages):
     pins = dict(requirement.split("==") for requirement in requirements)
     assert pins[f"tensorrt-cu{cuda_major}"].split(".")[0] == tensorrt_major, pins
     assert pins["cuda-python"].split(".")[0] == cuda_major, pins
+    assert f"libnvinfer.so.{tensorrt_major}" in script  # the library the script links for the provider
     cuda_image = global_args(stages)["CUDA_IMAGE"]
     assert re.search(rf"nvidia/cuda:{cuda_major}\.", cuda_image), cuda_image
 
 
 # ---- the image's install in a fresh virtual environment ---------------------------------------
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["VENV"], "usage:"),
+    (["VENV", "arm"], "VARIANT must be gpu or cpu, not 'arm'"),
+    (["EXISTING", "cpu"], "already exists"),
+])
+def test_install_script_refuses_bad_arguments(tmp_path, arguments, message):
+    (tmp_path / "EXISTING").mkdir()
+    result = subprocess.run(["sh", str(INSTALL_SCRIPT), *[str(tmp_path / a) if a.isupper() else a for a in arguments]],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "VENV").exists()
 
 
 @pytest.fixture(scope="module")
@@ -581,6 +595,7 @@ def test_deployment_runs_the_real_server_command(objects, stages):
         for mount in each["volumeMounts"]:
             assert mount["name"] in volumes, mount
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert pod["enableServiceLinks"] is False and pod["automountServiceAccountToken"] is False
     claim = volumes[mounts[args.model_repository]["name"]]["persistentVolumeClaim"]["claimName"]
     assert f"PersistentVolumeClaim/{claim}" in objects
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
