@@ -125,7 +125,8 @@ class Server:
             self._metrics_http, self.metrics_port = http, http.server_port
         await self.repository.reload()  # calls update_health through on_change
         self.repository.start_polling(self.config.poll_seconds)
-        log.info("server ready", extra={"models": [f"{m.contract.name}:{m.contract.version}" for m in self.repository.loaded()]})
+        models = [f"{m.contract.name}:{m.contract.version}" for m in self.repository.loaded()]
+        log.info("serving %s", ", ".join(models) or "no model yet", extra={"models": models})
 
     async def update_health(self) -> None:
         """Health from model readiness: "" and each protocol if any model serves, each model by name."""
@@ -252,7 +253,10 @@ async def serve(config: ServerConfig) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.repository.reload()))
     try:
         await server.start()
-        log.info("listening", extra={"port": port, "metrics_port": server.metrics_port, "tls": bool(config.tls_cert)})
+        log.info(
+            "listening on %s:%d (metrics: %s)", config.host, port, server.metrics_port or "off",
+            extra={"port": port, "metrics_port": server.metrics_port, "tls": bool(config.tls_cert)},
+        )  # fmt: skip
         await stop.wait()
     finally:
         await server.stop()

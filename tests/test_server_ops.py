@@ -275,7 +275,7 @@ def test_cyborg_serve_command_runs_and_stops_on_sigterm(tmp_path):
         process.kill()
     records = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
     messages = [r["message"] for r in records]
-    assert "listening" in messages and "shutting down" in messages
+    assert any(m.startswith("listening on 127.0.0.1") for m in messages) and "shutting down" in messages
     assert any(r.get("port") == port for r in records)
 
 
