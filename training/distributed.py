@@ -84,6 +84,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def sync_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (batch-norm running statistics) to every rank.
+
+    DDP broadcasts them at the start of each forward, so after an epoch's last step each rank holds
+    statistics updated by its own batch; validation and checkpoints must all use rank 0's.
+    """
+    if info.distributed:
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def reduce_sums(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Sum each value over all ranks (identity in a single process)."""
     if not info.distributed:

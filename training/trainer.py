@@ -362,6 +362,7 @@ def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> d
                 kept = f"{last_path} keeps epoch {epoch}, the last good weights" if epoch else "no checkpoint was written"
                 raise TrainingDiverged(f"{error}; training stopped, {kept} (try a lower --lr, or check the data and maps)") from None
             scheduler.step()
+            distributed.sync_buffers(model, info)
             val_metrics, predictions = validate(ddp_model, data.val, config, info)
             auc = val_metrics["auc"]
             improved = best["epoch"] is None or (auc is not None and (best["val_auc"] is None or auc > best["val_auc"]))
@@ -416,6 +417,7 @@ def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> d
         "saliency": data.saliency,
         "files": [str(last_path), str(best_path), str(run_dir / METRICS)],
         "history": history,
+        "model": unwrap(model),  # the trained model (last epoch), for callers in the same process
     }
 
 
