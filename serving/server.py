@@ -97,6 +97,46 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 whose Watch streams end after telling NOT_SERVING at shutdown.
+
+    The stock servicer keeps every Watch open until the server cancels it, so one watching load
+    balancer would hold each graceful shutdown for the whole grace period.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._changed = asyncio.Condition()
+        self._closing = False
+
+    async def set(self, service: str, status: int) -> None:
+        await super().set(service, status)
+        if not self._closing:
+            self._statuses[service] = status
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        self._closing = True
+        self._statuses = dict.fromkeys(self._statuses, health_pb2.HealthCheckResponse.NOT_SERVING)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def Watch(self, request, context) -> None:
+        last = None
+        async with self._changed:
+            while True:
+                status = self._statuses.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                if self._closing:
+                    return
+                await self._changed.wait()
+
+
 class Server:
     """The running parts of one server; `start()`, `stop(grace)`, `wait_for_termination()`."""
 
@@ -189,7 +229,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     limits = Limits(max_image_bytes=int(config.max_message_mb * MiB), max_image_pixels=config.max_image_pixels)
     dataplane = DataPlane(repository, pool, metrics, limits)
     services = [protocol.add_to_server(grpc_server, dataplane) for protocol in PROTOCOLS]
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     enable_reflection(grpc_server, services)
     server = Server(config, grpc_server, dataplane, health_servicer, services)
