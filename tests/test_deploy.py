@@ -36,13 +36,14 @@ HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 CPU_PATCH = KUBERNETES / "examples" / "deployment-cpu-patch.yaml"
 VARIANTS = ("gpu", "cpu")
-# pip's messages when the registry cannot be reached: the one reason the install test may skip.
+# pip's messages when the registry cannot be reached: the one reason the install test may skip
+# (a pin that does not exist fails it).
 OFFLINE_SIGNS = (
     "NewConnectionError",
+    "Failed to establish a new connection",
     "Temporary failure in name resolution",
     "Network is unreachable",
-    "No matching distribution found",
-    "Could not find a version that satisfies",
+    "ProxyError",
 )
 
 
