@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -46,23 +47,66 @@ TARGET_CONCURRENCY = 16  # ratios are judged at concurrency >= this
 Call = Callable[[bytes], Awaitable[bytes]]
 
 
-# ---- statistics -----------------------------------------------------------------------------
-def summarize(latencies: Sequence[float], seconds: float, errors: int = 0) -> dict:
-    """Throughput (requests/s, one image each) and latency percentiles in ms."""
-    values = np.asarray(latencies, dtype=np.float64) * 1e3
-    if values.size == 0:
-        return {"requests": 0, "errors": errors, "seconds": round(seconds, 3), "throughput": 0.0, "p50_ms": None, "p90_ms": None, "p99_ms": None, "mean_ms": None}
-    p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {
-        "requests": int(values.size),
-        "errors": errors,
-        "seconds": round(seconds, 3),
-        "throughput": round(values.size / seconds, 2),
-        "p50_ms": round(float(p50), 2),
-        "p90_ms": round(float(p90), 2),
-        "p99_ms": round(float(p99), 2),
-        "mean_ms": round(float(values.mean()), 2),
+# ---- measurement windows -------------------------------------------------------------------
+@dataclasses.dataclass
+class Window:
+    """What one or more measurement windows saw: images done, wall and CPU seconds, latencies."""
+
+    images: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0  # of every process doing the work (server + load generator, or the baseline)
+    errors: int = 0
+    latencies: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, other: Window) -> Window:
+        self.images += other.images
+        self.seconds += other.seconds
+        self.cpu_seconds += other.cpu_seconds
+        self.errors += other.errors
+        self.latencies += other.latencies
+        return self
+
+    @property
+    def throughput(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.images / self.cpu_seconds if self.cpu_seconds else 0.0
+
+
+def summarize(window: Window) -> dict:
+    """Throughput (images/s, one image a request), images per CPU-second, latency percentiles in ms."""
+    values = np.asarray(window.latencies, dtype=np.float64) * 1e3
+    result = {
+        "requests": window.images,
+        "errors": window.errors,
+        "seconds": round(window.seconds, 3),
+        "throughput": round(window.throughput, 2),
+        "per_cpu_second": round(window.per_cpu_second, 2),
     }
+    if values.size == 0:
+        return result | {"p50_ms": None, "p90_ms": None, "p99_ms": None, "mean_ms": None}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return result | {"p50_ms": round(float(p50), 2), "p90_ms": round(float(p90), 2), "p99_ms": round(float(p99), 2), "mean_ms": round(float(values.mean()), 2)}
+
+
+class CpuMeter:
+    """CPU seconds used so far by this process and the given others (Linux /proc; else this process only)."""
+
+    def __init__(self, *pids: int):
+        self.pids = pids
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __call__(self) -> float:
+        total = time.process_time()
+        for pid in self.pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime, all threads
+        return total
 
 
 # ---- images ---------------------------------------------------------------------------------
@@ -108,29 +152,25 @@ def load_backend(version_dir: Path):
     return OnnxRuntimeBackend(version_dir / c.ONNX_FILE, device="auto")
 
 
-def _timed_loop(step: Callable[[], int], duration: float) -> float:
-    """Run `step` (returns images done) for about `duration` s after one warm-up; images/s."""
+def _timed_loop(step: Callable[[], int], duration: float) -> Window:
+    """Run `step` (returns images done) for about `duration` s after one warm-up step."""
     step()
-    done, started = 0, time.perf_counter()
+    done, cpu, started = 0, time.process_time(), time.perf_counter()
     while True:
         done += step()
         elapsed = time.perf_counter() - started
         if elapsed >= duration:
-            return done / elapsed
+            return Window(images=done, seconds=elapsed, cpu_seconds=time.process_time() - cpu)
 
 
-def tensor_baseline(backend, tensors: np.ndarray, duration: float, batches: Sequence[int] = BASELINE_BATCHES) -> dict:
-    """Engine throughput fed with ready tensors at each batch size; the best one wins."""
-    by_batch = {}
-    for batch in batches:
-        chunk = np.ascontiguousarray(np.resize(tensors, (batch, *tensors.shape[1:])))
-        by_batch[batch] = round(_timed_loop(lambda: (backend.run(chunk), batch)[1], duration), 2)
-    best = max(by_batch, key=by_batch.get)
-    return {"best_batch": best, "throughput": by_batch[best], "by_batch": by_batch}
+def tensor_window(backend, tensors: np.ndarray, batch: int, duration: float) -> Window:
+    """The engine fed with ready uint8 tensors, `batch` rows a run."""
+    chunk = np.ascontiguousarray(np.resize(tensors, (batch, *tensors.shape[1:])))
+    return _timed_loop(lambda: (backend.run(chunk), batch)[1], duration)
 
 
-def decode_baseline(backend, encoded: Sequence[bytes], contract: c.ModelContract, batch: int, duration: float) -> dict:
-    """Decode + resize (serving.images) then the engine, at `batch`, all in this process."""
+def decode_window(backend, encoded: Sequence[bytes], contract: c.ModelContract, batch: int, duration: float) -> Window:
+    """Decode + resize (serving.images) then the engine, `batch` images a run, all in this process."""
     cursor = iter(_cycle(encoded))
 
     def step() -> int:
@@ -138,7 +178,13 @@ def decode_baseline(backend, encoded: Sequence[bytes], contract: c.ModelContract
         backend.run(np.stack(rows))
         return batch
 
-    return {"batch": batch, "throughput": round(_timed_loop(step, duration), 2)}
+    return _timed_loop(step, duration)
+
+
+def best_batch(backend, tensors: np.ndarray, duration: float, batches: Sequence[int] = BASELINE_BATCHES) -> tuple[int, dict[int, float]]:
+    """The batch size at which the engine is fastest on tensors, and images/s at each size tried."""
+    by_batch = {batch: round(tensor_window(backend, tensors, batch, duration).throughput, 2) for batch in batches}
+    return max(by_batch, key=by_batch.get), by_batch
 
 
 def _cycle(items: Sequence) -> Iterator:
@@ -147,68 +193,62 @@ def _cycle(items: Sequence) -> Iterator:
 
 
 # ---- load generators ------------------------------------------------------------------------
-async def closed_loop(call: Call, requests: Sequence[bytes], concurrency: int, duration: float, warmup: float) -> dict:
-    """`concurrency` clients, each sending its next request as soon as the last one returns."""
-    latencies: list[float] = []
-    errors = 0
+async def closed_loop(call: Call, requests: Sequence[bytes], concurrency: int, duration: float, warmup: float, cpu: CpuMeter) -> Window:
+    """`concurrency` clients, each sending its next request as soon as the last one returns.
+
+    Requests sent during the `duration` after `warmup` are counted, up to their completion.
+    """
+    window = Window()
     loop = asyncio.get_running_loop()
     start = loop.time() + warmup
     end = start + duration
+    cpu_at_start: list[float] = []
+    loop.call_at(start, lambda: cpu_at_start.append(cpu()))
 
     async def client(offset: int) -> None:
-        nonlocal errors
         index = offset
-        while True:
-            sent = loop.time()
-            if sent >= end:
-                return
+        while (sent := loop.time()) < end:
+            request = requests[index % len(requests)]
+            index += concurrency
             try:
-                await call(requests[index % len(requests)])
+                await call(request)
             except Exception:  # noqa: BLE001 - counted; the benchmark reports them
-                errors += sent >= start
+                window.errors += sent >= start
                 continue
-            finally:
-                index += concurrency
             if sent >= start:
-                latencies.append(loop.time() - sent)
+                window.latencies.append(loop.time() - sent)
 
     await asyncio.gather(*(client(i) for i in range(concurrency)))
-    return summarize(latencies, max(loop.time(), end) - start, errors) | {"concurrency": concurrency}
+    window.images = len(window.latencies)
+    window.seconds = max(loop.time(), end) - start
+    window.cpu_seconds = cpu() - (cpu_at_start[0] if cpu_at_start else cpu())
+    return window
 
 
-async def open_loop(call: Call, requests: Sequence[bytes], rate: float, duration: float, seed: int = 0) -> dict:
+async def open_loop(call: Call, requests: Sequence[bytes], rate: float, duration: float, cpu: CpuMeter, seed: int = 0) -> Window:
     """Poisson arrivals at `rate`/s for `duration` s; latency counted from each scheduled time."""
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
-    latencies: list[float] = []
-    errors = 0
+    window = Window()
 
     async def one(request: bytes, scheduled: float) -> None:
-        nonlocal errors
         try:
             await call(request)
         except Exception:  # noqa: BLE001
-            errors += 1
+            window.errors += 1
             return
-        latencies.append(loop.time() - scheduled)
+        window.latencies.append(loop.time() - scheduled)
 
     tasks = []
-    start = loop.time()
+    start, cpu_start = loop.time(), cpu()
     scheduled = start
-    index = 0
-    while True:
-        scheduled += rng.expovariate(rate)
-        if scheduled >= start + duration:
-            break
-        delay = scheduled - loop.time()
-        if delay > 0:
+    while (scheduled := scheduled + rng.expovariate(rate)) < start + duration:
+        if (delay := scheduled - loop.time()) > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(requests[index % len(requests)], scheduled)))
-        index += 1
+        tasks.append(asyncio.ensure_future(one(requests[len(tasks) % len(requests)], scheduled)))
     await asyncio.gather(*tasks)
-    result = summarize(latencies, loop.time() - start, errors)
-    tail = result["p99_ms"] / result["p50_ms"] if result["p50_ms"] else None
-    return result | {"rate": round(rate, 2), "p99_over_p50": None if tail is None else round(tail, 2)}
+    window.images, window.seconds, window.cpu_seconds = len(window.latencies), loop.time() - start, cpu() - cpu_start
+    return window
 
 
 # ---- requests on the wire -------------------------------------------------------------------
@@ -241,8 +281,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server_process(repository: Path, timeout: float = 180.0, extra: Sequence[str] = ()) -> Iterator[str]:
-    """`cyborg serve` in a subprocess on free loopback ports; yields its address once ready."""
+def server_process(repository: Path, timeout: float = 180.0, extra: Sequence[str] = ()) -> Iterator[tuple[str, int]]:
+    """`cyborg serve` in a subprocess on a free loopback port; yields (address, pid) once ready."""
     import grpc
 
     from serving.inference_servicer import messages
@@ -272,7 +312,7 @@ def server_process(repository: Path, timeout: float = 180.0, extra: Sequence[str
                     if time.monotonic() > deadline:
                         raise UserError(f"the server was not ready after {timeout:.0f} s")
                     time.sleep(0.2)
-            yield address
+            yield address, process.pid
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -302,13 +342,17 @@ def resolve_model(repository: Path, model: str | None, version: int | None) -> t
     return c.read_contract(folder / str(chosen)), folder / str(chosen)
 
 
-async def _measure_server(address: str, requests: dict[str, list[bytes]], baselines: dict[str, Callable[[], float]],
-                          concurrency: Sequence[int], duration: float, warmup: float, rate: float | None) -> dict:  # fmt: skip
-    """The sweep, each server window right after its own baseline window, then the Poisson run."""
+Measure = Callable[[], Window]
+
+
+async def _measure_server(address: str, pid: int, requests: dict[str, list[bytes]], baselines: dict[str, Measure],
+                          concurrency: Sequence[int], duration: float, warmup: float, rounds: int, rate: float | None) -> dict:  # fmt: skip
+    """The sweep (each point: `rounds` pairs of a baseline window then a server window), then the Poisson run."""
     import grpc
 
     from serving.client import DETECT_METHOD, max_message_options
 
+    cpu = CpuMeter(pid)
     async with grpc.aio.insecure_channel(address, options=max_message_options()) as channel:
         calls = {"tensor": channel.unary_unary(INFER_METHOD), "image": channel.unary_unary(DETECT_METHOD)}
         for kind, call in calls.items():  # each path works before it is timed
@@ -316,13 +360,30 @@ async def _measure_server(address: str, requests: dict[str, list[bytes]], baseli
         sweep = []
         for level in concurrency:
             for kind in ("tensor", "image"):
-                baseline = baselines[kind]()
-                result = await closed_loop(calls[kind], requests[kind], level, duration, warmup)
-                ratio = round(result["throughput"] / baseline, 3) if baseline else None
-                sweep.append({"kind": kind} | result | {"baseline": baseline, "ratio": ratio})
+                served, base = Window(), Window()
+                for _ in range(rounds):
+                    base.add(baselines[kind]())
+                    served.add(await closed_loop(calls[kind], requests[kind], level, duration / rounds, warmup, cpu))
+                sweep.append({"kind": kind, "concurrency": level} | summarize(served) | compare(served, base))
         peak = max(r["throughput"] for r in sweep if r["kind"] == "tensor")
-        poisson = await open_loop(calls["tensor"], requests["tensor"], rate or max(peak / 2, 0.5), max(duration, 1.0))
-        return {"sweep": sweep, "peak_tensor_throughput": peak, "poisson": poisson | {"kind": "tensor"}}
+        rate = rate or max(peak / 2, 0.5)
+        poisson = summarize(await open_loop(calls["tensor"], requests["tensor"], rate, max(duration, 1.0), cpu))
+        tail = poisson["p99_ms"] / poisson["p50_ms"] if poisson["p50_ms"] else None
+        poisson |= {"kind": "tensor", "rate": round(rate, 2), "p99_over_p50": None if tail is None else round(tail, 2)}
+        return {"sweep": sweep, "peak_tensor_throughput": peak, "poisson": poisson}
+
+
+def compare(served: Window, base: Window) -> dict:
+    """The server against its paired baseline: wall-clock throughput and images per CPU-second."""
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 3) if b else None
+
+    return {
+        "baseline": round(base.throughput, 2),
+        "baseline_per_cpu_second": round(base.per_cpu_second, 2),
+        "ratio": ratio(served.throughput, base.throughput),
+        "cpu_ratio": ratio(served.per_cpu_second, base.per_cpu_second),
+    }
 
 
 def run_benchmark(
@@ -334,56 +395,61 @@ def run_benchmark(
     rate: float | None = None,
     images: str | None = None,
     warmup: float | None = None,
+    rounds: int = 2,
     server_args: Sequence[str] = (),
 ) -> dict:
     """The full report as a dict (what `--json` prints).
 
-    The best batch is found once; then every server measurement is paired with a baseline
-    measurement of the same length taken just before it, and its ratio is to that baseline, so
-    load from other processes that drifts during the run does not bias the comparison.
+    The best batch is found once. Each sweep point then alternates `rounds` times between a
+    baseline window and a server window (each duration/rounds long) and compares their totals,
+    so load from other processes that drifts during the run falls on both sides alike. Images
+    per CPU-second (server plus load generator, against the baseline process) is reported beside
+    wall-clock throughput: it is what the server's overhead costs, whatever else runs.
     """
     contract, folder = resolve_model(Path(repository), model, version)
     encoded = folder_images(images) if images else synthetic_images()
     tensors = np.stack([to_model_input(decode_image(data), contract.input_height, contract.input_width) for data in encoded])
-    warmup = min(1.0, duration / 4) if warmup is None else warmup
+    window = duration / rounds
+    warmup = min(1.0, window / 4) if warmup is None else warmup
     load_before = os.getloadavg()
 
     backend = load_backend(folder)
-    search = tensor_baseline(backend, tensors, max(duration / 4, 0.5))
-    best = search["best_batch"]
-    measured_baselines: dict[str, list[float]] = {"tensor": [], "image": []}
+    best, search = best_batch(backend, tensors, max(duration / 4, 0.5))
+    totals = {"tensor": Window(), "image": Window()}
+    measure = {
+        "tensor": lambda: tensor_window(backend, tensors, best, window),
+        "image": lambda: decode_window(backend, encoded, contract, best, window),
+    }
 
-    def baseline(kind: str) -> Callable[[], float]:
-        def measure() -> float:
-            if kind == "tensor":
-                value = tensor_baseline(backend, tensors, duration, batches=(best,))["throughput"]
-            else:
-                value = decode_baseline(backend, encoded, contract, best, duration)["throughput"]
-            measured_baselines[kind].append(value)
-            return value
+    def baseline(kind: str) -> Measure:
+        def run() -> Window:
+            measured = measure[kind]()
+            totals[kind].add(measured)
+            return measured
 
-        return measure
+        return run
 
+    baselines = {kind: baseline(kind) for kind in measure}
     requests = {
         "tensor": tensor_requests(tensors, contract.name, contract.version),
         "image": image_requests(encoded, contract.name, contract.version),
     }
-    with server_process(Path(repository), extra=server_args) as address:
-        measured = asyncio.run(
-            _measure_server(address, requests, {k: baseline(k) for k in requests}, concurrency, duration, warmup, rate)
-        )
+    with server_process(Path(repository), extra=server_args) as (address, pid):
+        measured = asyncio.run(_measure_server(address, pid, requests, baselines, concurrency, duration, warmup, rounds, rate))
     return {
         "model": {"name": contract.name, "version": contract.version, "architecture": contract.architecture,
                   "input": list(contract.input_shape), "path": str(folder)},  # fmt: skip
         "server": {"mode": "subprocess", "args": list(server_args), "providers": getattr(backend, "providers", []), "cpus": os.cpu_count()},
         "load_average": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "images": {"count": len(encoded), "source": images or "synthetic 512x512 JPEG", "mean_bytes": int(np.mean([len(e) for e in encoded]))},
-        "settings": {"concurrency": list(concurrency), "duration_s": duration, "warmup_s": warmup},
+        "settings": {"concurrency": list(concurrency), "duration_s": duration, "rounds": rounds, "warmup_s": warmup},
         "baseline": {
             "best_batch": best,
-            "search": search["by_batch"],
-            "tensor": round(float(np.median(measured_baselines["tensor"])), 2),
-            "image": round(float(np.median(measured_baselines["image"])), 2),
+            "search": search,
+            "tensor": round(totals["tensor"].throughput, 2),
+            "image": round(totals["image"].throughput, 2),
+            "tensor_per_cpu_second": round(totals["tensor"].per_cpu_second, 2),
+            "image_per_cpu_second": round(totals["image"].per_cpu_second, 2),
         },
         "sweep": measured["sweep"],
         "peak_tensor_throughput": measured["peak_tensor_throughput"],
@@ -394,47 +460,59 @@ def run_benchmark(
 
 def targets(sweep: list[dict], poisson: dict) -> dict:
     """The issue's targets, judged on this run (None where the run had no concurrency >= 16)."""
-    def best_ratio(kind: str) -> float | None:
-        ratios = [r["ratio"] for r in sweep if r["kind"] == kind and r["concurrency"] >= TARGET_CONCURRENCY and r["ratio"] is not None]
-        return max(ratios) if ratios else None
 
-    tensor, image, tail = best_ratio("tensor"), best_ratio("image"), poisson.get("p99_over_p50")
-    return {
-        "tensor_ratio": tensor,
-        "image_ratio": image,
-        "poisson_p99_over_p50": tail,
-        "tensor_met": None if tensor is None else tensor >= TARGET_RATIO,
-        "image_met": None if image is None else image >= TARGET_RATIO,
-        "tail_met": None if tail is None else tail <= TARGET_TAIL,
+    def best(kind: str, key: str) -> float | None:
+        values = [r[key] for r in sweep if r["kind"] == kind and r["concurrency"] >= TARGET_CONCURRENCY and r[key] is not None]
+        return max(values) if values else None
+
+    def met(value: float | None, ok: Callable[[float], bool]) -> bool | None:
+        return None if value is None else ok(value)
+
+    found = {
+        "tensor_ratio": best("tensor", "ratio"),
+        "image_ratio": best("image", "ratio"),
+        "tensor_cpu_ratio": best("tensor", "cpu_ratio"),
+        "image_cpu_ratio": best("image", "cpu_ratio"),
+        "poisson_p99_over_p50": poisson.get("p99_over_p50"),
+    }
+    return found | {
+        "tensor_met": met(found["tensor_ratio"], lambda v: v >= TARGET_RATIO),
+        "image_met": met(found["image_ratio"], lambda v: v >= TARGET_RATIO),
+        "tail_met": met(found["poisson_p99_over_p50"], lambda v: v <= TARGET_TAIL),
     }
 
 
 def format_report(report: dict) -> str:
     """The human-readable table."""
-    model, base = report["model"], report["baseline"]
+    model, base, server = report["model"], report["baseline"], report["server"]
     lines = [
-        f"model {model['name']} v{model['version']} ({model['architecture']}, input {model['input']}), "
-        f"server as a {report['server']['mode']}, {report['server']['cpus']} CPUs, providers {report['server']['providers']}",
-        f"baselines without a server (median of the paired windows), at batch {base['best_batch']}: "
-        f"tensors {base['tensor']:.1f} images/s, decode + engine {base['image']:.1f} images/s "
-        f"(batch search: {', '.join(f'{b}: {v}' for b, v in base['search'].items())})",
+        f"model {model['name']} v{model['version']} ({model['architecture']}, input {model['input']}); server as a "
+        f"{server['mode']} {' '.join(server['args'])}; {server['cpus']} CPUs; {', '.join(server['providers'])}",
         f"load average {report['load_average']['before']} before, {report['load_average']['after']} after",
+        f"baselines without a server at batch {base['best_batch']} (batch search, images/s: "
+        f"{', '.join(f'{b}: {v}' for b, v in base['search'].items())}):",
+        f"  tensors into ONNX Runtime   {base['tensor']:8.1f} images/s  {base['tensor_per_cpu_second']:7.2f} images/CPU-s",
+        f"  decode + ONNX Runtime       {base['image']:8.1f} images/s  {base['image_per_cpu_second']:7.2f} images/CPU-s",
         "",
-        f"{'requests':<9}{'conc.':>6}{'images/s':>10}{'baseline':>10}{'ratio':>7}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>7}",
+        f"{'requests':<9}{'conc.':>8}{'images/s':>10}{'baseline':>10}{'ratio':>7}{'CPU ratio':>10}"
+        f"{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>7}",
     ]
     rows = [(row["kind"], row["concurrency"], row) for row in report["sweep"]]
     rows.append(("poisson", f"{report['poisson']['rate']}/s", report["poisson"]))
     for label, level, row in rows:
         lines.append(
-            f"{label:<9}{level!s:>6}{row['throughput']:>10.1f}{_fmt(row.get('baseline'), '.1f'):>10}{_fmt(row.get('ratio'), '.2f'):>7}"
+            f"{label:<9}{level!s:>8}{row['throughput']:>10.1f}{_fmt(row.get('baseline'), '.1f'):>10}"
+            f"{_fmt(row.get('ratio'), '.2f'):>7}{_fmt(row.get('cpu_ratio'), '.2f'):>10}"
             f"{_fmt(row['p50_ms'], '.1f'):>9}{_fmt(row['p90_ms'], '.1f'):>9}{_fmt(row['p99_ms'], '.1f'):>9}{row['errors']:>7}"
         )
     t = report["targets"]
     lines += [
         "",
-        f"targets: tensor ratio at concurrency >= {TARGET_CONCURRENCY} {_fmt(t['tensor_ratio'], '.2f')} (>= {TARGET_RATIO}: {_yes(t['tensor_met'])}), "
-        f"image ratio {_fmt(t['image_ratio'], '.2f')} (>= {TARGET_RATIO}: {_yes(t['image_met'])}), "
-        f"p99/p50 at half of peak {_fmt(t['poisson_p99_over_p50'], '.2f')} (<= {TARGET_TAIL}: {_yes(t['tail_met'])})",
+        f"targets at concurrency >= {TARGET_CONCURRENCY}: tensor ratio {_fmt(t['tensor_ratio'], '.2f')} "
+        f"(>= {TARGET_RATIO}: {_yes(t['tensor_met'])}; CPU ratio {_fmt(t['tensor_cpu_ratio'], '.2f')}), "
+        f"image ratio {_fmt(t['image_ratio'], '.2f')} (>= {TARGET_RATIO}: {_yes(t['image_met'])}; "
+        f"CPU ratio {_fmt(t['image_cpu_ratio'], '.2f')}); p99/p50 at half of peak "
+        f"{_fmt(t['poisson_p99_over_p50'], '.2f')} (<= {TARGET_TAIL}: {_yes(t['tail_met'])})",
     ]
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ LATENCY_KEYS = {"requests", "errors", "seconds", "throughput", "p50_ms", "p90_ms
 def test_bench_serve_json_report(tmp_path, capsys):
     repository = build_model_repository(tmp_path / "repo", name="tiny", versions=(1, 3), size=32)
     code = main(["bench", "serve", "--model-repository", str(repository), "--concurrency", "1,2",
-                 "--duration", "0.4", "--warmup", "0.1", "--json"])  # fmt: skip
+                 "--duration", "0.4", "--rounds", "2", "--warmup", "0.1", "--json"])  # fmt: skip
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert {"model", "server", "baseline", "sweep", "poisson", "peak_tensor_throughput", "targets"} <= set(report)
@@ -25,6 +25,7 @@ def test_bench_serve_json_report(tmp_path, capsys):
 
     base = report["baseline"]
     assert str(base["best_batch"]) in base["search"] and base["tensor"] > 0 and base["image"] > 0
+    assert base["tensor_per_cpu_second"] > 0 and base["image_per_cpu_second"] > 0
 
     assert [(row["kind"], row["concurrency"]) for row in report["sweep"]] == [("tensor", 1), ("image", 1), ("tensor", 2), ("image", 2)]
     for row in report["sweep"] + [report["poisson"]]:
@@ -33,6 +34,7 @@ def test_bench_serve_json_report(tmp_path, capsys):
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
     for row in report["sweep"]:
         assert row["ratio"] == pytest.approx(row["throughput"] / row["baseline"], abs=1e-3)
+        assert row["per_cpu_second"] > 0 and row["cpu_ratio"] == pytest.approx(row["per_cpu_second"] / row["baseline_per_cpu_second"], abs=1e-3)
 
     peak = max(row["throughput"] for row in report["sweep"] if row["kind"] == "tensor")
     assert report["peak_tensor_throughput"] == peak
@@ -42,7 +44,7 @@ def test_bench_serve_json_report(tmp_path, capsys):
     assert report["targets"]["tail_met"] == (report["poisson"]["p99_over_p50"] <= 2.0)
 
     table = format_report(report)
-    assert "poisson" in table and "targets:" in table
+    assert "poisson" in table and "targets at concurrency" in table
 
 
 def test_bench_serve_rejects_bad_options(tmp_path, capsys):

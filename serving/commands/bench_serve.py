@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", type=int, help="model version (default: the latest)")
     parser.add_argument("--concurrency", type=concurrency_list, default=[1, 4, 16, 32], help="closed-loop client counts (default: 1,4,16,32)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default: 10)")
-    parser.add_argument("--warmup", type=float, help="seconds before each measurement starts counting (default: min(1, duration/4))")
+    parser.add_argument("--rounds", type=int, default=2, help="baseline/server window pairs per sweep point, splitting --duration (default: 2)")
+    parser.add_argument("--warmup", type=float, help="seconds before each server window starts counting (default: min(1, window/4))")
     parser.add_argument("--rate", type=float, help="Poisson request rate per second (default: half of the peak tensor throughput)")
     parser.add_argument("--images", help="folder of images to send (default: 32 synthetic 512x512 JPEGs)")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.duration <= 0:
         raise UserError(f"--duration {args.duration}: must be positive")
+    if args.rounds < 1:
+        raise UserError(f"--rounds {args.rounds}: at least 1")
     if args.rate is not None and args.rate <= 0:
         raise UserError(f"--rate {args.rate}: must be positive")
     if args.images and not Path(args.images).is_dir():
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         rate=args.rate,
         images=args.images,
         warmup=args.warmup,
+        rounds=args.rounds,
         server_args=args.server_arg,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
