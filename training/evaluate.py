@@ -370,7 +370,7 @@ def evaluate_checkpoint(
     from training.checkpoint import load_checkpoint, model_from_checkpoint
     from training.data import FaceDataset, discover, saliency_provenance, summarise
     from training.distributed import resolve_device
-    from training.model import cam_grid
+    from training.model import cam_grid, default_image_size
 
     log = logging.getLogger(__name__)
     checkpoint, out = Path(checkpoint), Path(out)
@@ -378,7 +378,7 @@ def evaluate_checkpoint(
     model, config = model_from_checkpoint(state)
     torch_device = resolve_device(device)
     model.to(torch_device)
-    image_size = int(state.get("image_size") or config.image_size or 224)
+    image_size = int(state.get("image_size") or config.image_size or default_image_size(config.arch))
     grid = tuple(state.get("cam_grid") or cam_grid(model, image_size))
 
     samples, split = select_samples(discover(data, csv, heatmaps), split, config.val_fraction, config.seed)
@@ -417,7 +417,7 @@ def evaluate_checkpoint(
         writer = csv_module.writer(handle)
         writer.writerow(["path", "source", "label", "score", "called"])
         for sample, label, score in zip(kept, labels, scores):
-            writer.writerow([str(sample.path), sample.source, CLASS_NAMES[int(label)], f"{score:.6f}", CLASS_NAMES[int(score >= threshold)]])
+            writer.writerow([str(sample.path), sample.source, CLASS_NAMES[int(label)], f"{score:.9g}", CLASS_NAMES[int(score >= threshold)]])
 
     results = {
         **{key: metrics[key] for key in ("auc", "eer", "accuracy", "threshold", "tpr", "fpr", "n_real", "n_fake")},

@@ -66,11 +66,11 @@ def summary(results: dict) -> str:
     lines = [
         f"{results['n_images']} images ({results['n_real']} real, {results['n_fake']} fake), split {results['data']['split']}",
         f"AUC {_fmt(results['auc'])}  EER {_fmt(results['eer'])}  accuracy {_fmt(results['accuracy'])} "
-        f"at threshold {results['threshold']:.4f} ({results['threshold_source']})",
+        f"at threshold {results['threshold']:.4g} ({results['threshold_source']})",
         f"{'source':<20} {'n':>6} {'AUC':>8} {'accuracy':>9} {'mean score':>11}",
     ]
     for source, row in results["per_source"].items():
-        lines.append(f"{source:<20} {row['n']:>6} {_fmt(row['auc']):>8} {_fmt(row['accuracy']):>9} {_fmt(row['mean_score']):>11}")
+        lines.append(f"{source:<20} {row['n']:>6} {_fmt(row['auc']):>8} {_fmt(row['accuracy']):>9} {row['mean_score']:>11.4g}")
     agreement = results.get("cam_agreement")
     if agreement:
         lines.append(
