@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,7 @@ def test_runtime_stage_runs_cyborg_serve_as_non_root(stages):
 
 
 def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
-    """(.dockerignore pattern as a regex, negated) in file order, with Docker's matching rules."""
+    """(negated, pattern as a regex) for each .dockerignore line, in order, with Docker's matching rules."""
     patterns = []
     for line in (ROOT / ".dockerignore").read_text().splitlines():
         line = line.strip()
@@ -331,7 +332,7 @@ def test_install_script_refuses_bad_arguments(tmp_path, arguments, message):
 
 
 @pytest.fixture(scope="module")
-def serving_venv(tmp_path_factory) -> Path:
+def serving_venv(tmp_path_factory) -> Iterator[Path]:
     """deploy/install-serving.sh cpu run on a copy of the build context into a new venv."""
     work = tmp_path_factory.mktemp("image")
     context = copy_build_context(work / "context")
@@ -348,7 +349,8 @@ def serving_venv(tmp_path_factory) -> Path:
         if any(sign in output for sign in OFFLINE_SIGNS):
             pytest.skip(f"packages cannot be installed here (no registry, no cache): {output.strip().splitlines()[-1]}")
         pytest.fail(f"install-serving.sh failed ({result.returncode}):\n{output[-4000:]}")
-    return venv
+    yield venv
+    shutil.rmtree(work, ignore_errors=True)  # about 400 MB; pytest would keep it for three runs
 
 
 def venv_python(venv: Path, code: str) -> str:
