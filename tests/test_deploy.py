@@ -455,6 +455,40 @@ def check_triton_script(tmp_path: Path, port: int, model_folder: Path) -> None:
     assert (int(match.group(3)), int(match.group(4))) == expected["cam"].shape[1:]
 
 
+def test_probe_speaks_tls(tmp_path):
+    """Against a TLS health server: SERVING with the CA, refused in plaintext, a clear line for a missing file."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+         "-subj", "/CN=cyborg.test", "-addext", "subjectAltName=DNS:cyborg.test", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        secure = probe(Path(sys.executable), port, "--tls-ca", str(cert), "--tls-server-name", "cyborg.test")
+        assert secure.returncode == 0 and secure.stdout.strip().endswith("(server): SERVING"), secure.stdout + secure.stderr
+        wrong_name = probe(Path(sys.executable), port, "--tls-ca", str(cert))  # the certificate does not name 127.0.0.1
+        assert wrong_name.returncode == 1 and "UNAVAILABLE" in wrong_name.stdout
+        assert probe(Path(sys.executable), port).returncode == 1  # plaintext against TLS
+        missing = probe(Path(sys.executable), port, "--tls-ca", str(tmp_path / "none.pem"))
+        assert missing.returncode == 1 and "cannot read" in missing.stdout and "none.pem" in missing.stdout
+    finally:
+        server.stop(0)
+
+
 def test_probe_fails_when_no_server_listens():
     result = probe(Path(sys.executable), free_port())
     assert result.returncode == 1
