@@ -15,9 +15,9 @@ from timm.models import register_model
 from torch import nn
 
 
-def _conv_block(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int = 0) -> nn.Sequential:
+def _conv_block(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int = 0, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=False),
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, dilation=dilation, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
@@ -67,3 +67,31 @@ def cyborg_local_tiny(pretrained: bool = False, **kwargs) -> LocalTinyNet:
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     return LocalTinyNet(**kwargs)
+
+
+class WideTinyNet(LocalTinyNet):
+    """cyborg_local_tiny plus three dilated 3x3 convs (dilation 1, 2, 4) on its stride-8 map.
+
+    Each final cell then sees the whole image at 64 px (receptive field 122 px), as the last cells
+    of deep backbones do: a cue anywhere can be expressed at any cell, the case in which FACTS.md
+    measured that CAM guidance moves the heatmap but not the decision (`cyborg bench guidance`).
+    """
+
+    def __init__(self, num_classes: int = 2, in_chans: int = 3, width: int = 32, global_pool: str = "avg", **_: object):
+        super().__init__(num_classes=num_classes, in_chans=in_chans, width=width, global_pool=global_pool)
+        self.context = nn.Sequential(
+            *(_conv_block(self.num_features, self.num_features, 3, 1, padding=d, dilation=d) for d in (1, 2, 4))
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.context(self.features(x))
+
+
+@register_model
+def cyborg_wide_tiny(pretrained: bool = False, **kwargs) -> WideTinyNet:
+    """A tiny CNN whose final cells see the whole image (no pretrained weights)."""
+    if pretrained:
+        raise ValueError("cyborg_wide_tiny has no pretrained weights")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return WideTinyNet(**kwargs)

@@ -9,7 +9,7 @@ from typing import Any
 
 from cyborg.errors import UserError
 
-GUIDANCE_METHODS = ("ce", "cyborg")  # extended by the guidance issue
+GUIDANCE_METHODS = ("ce", "cyborg", "cam_diff", "rrr", "mask", "consistency")  # registry order: training.guidance
 CAM_CLASSES = ("predicted", "true")
 
 
@@ -29,6 +29,7 @@ class TrainConfig:
     guidance: str = "cyborg"
     alpha: float = 0.5  # alpha * CE + (1 - alpha) * MSE(CAM, H); alpha = 1 is the CE baseline
     cam_class: str = "predicted"  # the paper's choice; "true" uses the label's CAM
+    guidance_weight: float | None = None  # weight of the rrr / consistency term; None: the method's default
     # optimisation (the paper's recipe)
     epochs: int = 50
     batch_size: int = 20
@@ -50,6 +51,8 @@ class TrainConfig:
             raise UserError(f"--alpha {self.alpha}: must be in [0, 1]")
         if self.guidance not in GUIDANCE_METHODS:
             raise UserError(f"--guidance {self.guidance!r}: choose one of {', '.join(GUIDANCE_METHODS)}")
+        if self.guidance_weight is not None and not self.guidance_weight >= 0.0:
+            raise UserError(f"--guidance-weight {self.guidance_weight}: must be at least 0")
         if self.cam_class not in CAM_CLASSES:
             raise UserError(f"--cam-class {self.cam_class!r}: choose one of {', '.join(CAM_CLASSES)}")
         for name in ("epochs", "batch_size", "lr_step"):

@@ -66,3 +66,8 @@ def cyborg(model, batch, config) -> StepResult:
         out.logits, out.class_maps, batch["label"], batch["saliency"], batch["has_saliency"], config.alpha, config.cam_class
     )
     return StepResult(loss=terms.total, ce=terms.ce, guidance_term=terms.saliency, logits=out.logits)
+
+
+# Methods that constrain the input pixels (cam_diff, rrr, mask, consistency) live in their own module
+# and register themselves here; imported last, once `register` and `StepResult` exist.
+from training import guidance_methods as _guidance_methods  # noqa: E402,F401

@@ -15,6 +15,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--guidance": ("guidance", str, "guidance method (default: cyborg; ce = plain cross-entropy)"),
     "--alpha": ("alpha", float, "alpha * CE + (1 - alpha) * MSE(CAM, H); 1 = CE only (default: 0.5)"),
     "--cam-class": ("cam_class", str, "CAM of the predicted class (the paper) or the true class (default: predicted)"),
+    "--guidance-weight": ("guidance_weight", float, "weight of the rrr / consistency term (default: the method's, docs/guidance.md)"),
     "--epochs": ("epochs", int, "epochs (default: 50)"),
     "--batch-size": ("batch_size", int, "batch size per process (default: 20)"),
     "--image-size": ("image_size", int, "input side in pixels (default: the architecture's, 224 or 299)"),

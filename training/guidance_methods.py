@@ -1,0 +1,136 @@
+"""Guidance methods beyond the CYBORG loss: they constrain which input pixels carry the evidence.
+
+FACTS.md ("CAM guidance moves the CAM more than the decision") measured that matching the CAM to
+the human map H moves the heatmap but not the decision when the last feature cells see the whole
+image. These methods act on the input instead, or on the map that actually drives the softmax:
+
+- `cam_diff`: CYBORG's MSE on the CAM of the logit difference (chosen class minus the other: for
+  a fake, fake-minus-real), the map whose mean *is* the decision's margin.
+- `rrr`: Right for the Right Reasons (Ross, Hughes, Doshi-Velez, IJCAI 2017): penalise the input
+  gradient of the summed log-probabilities outside H, weight * sum((1 - H_up) * dx sum_k log p_k)^2,
+  by double backward.
+- `mask`: train on images whose non-salient pixels are replaced by the normalisation mean (grey),
+  in the spirit of the authors' earlier human-aided saliency training (Boyd et al., WACV 2021,
+  which blurred them; a blur keeps a low-frequency trace of a corner cue, grey keeps none).
+- `consistency`: cross-entropy on the image plus weight * KL(p(x) || p(x_masked)), the decision
+  must not change when the non-salient pixels are removed (Saliency Guided Training, Ismail et
+  al., NeurIPS 2021, with the human map in place of the model's own saliency).
+
+Every method is `alpha * CE + (1 - alpha) * term` except `mask` (CE on the masked image); H is at
+the CAM grid and is bilinearly upsampled to the input size for the pixel-level methods. Samples
+without a map contribute CE only, as in the CYBORG loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from training.guidance import StepResult, register
+from training.loss import saliency_mse
+from training.model import normalised_cam
+
+# The weight of the pixel-level terms when the config gives none (measured: docs/guidance.md).
+DEFAULT_WEIGHTS = {"rrr": 100.0, "consistency": 1.0}
+
+
+# ---- pure functions ------------------------------------------------------------------------------
+
+
+def upsample_saliency(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, h, w] maps at the CAM grid -> [B, H, W] at the input size (bilinear, kept in [0, 1])."""
+    up = F.interpolate(saliency.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+    return up.squeeze(1).clamp(0.0, 1.0)
+
+
+def logit_difference_cam(class_maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Normalised map of (class c) - (the other class) per image: [B, 2, h, w], [B] -> [B, h, w]."""
+    if class_maps.shape[1] != 2:
+        raise ValueError(f"the logit-difference CAM needs 2 classes, got {class_maps.shape[1]}")
+    difference = class_maps[:, 1] - class_maps[:, 0]
+    sign = (classes.view(-1, 1, 1) == 1).to(difference.dtype) * 2.0 - 1.0
+    return normalised_cam(sign * difference)
+
+
+def masked_mean(per_sample: torch.Tensor, has_saliency: torch.Tensor) -> torch.Tensor:
+    """Mean of per-sample values over the samples with a map; 0 when none has one."""
+    has = has_saliency.to(device=per_sample.device, dtype=torch.bool)
+    return torch.where(has, per_sample, torch.zeros_like(per_sample)).sum() / has.sum().clamp_min(1)
+
+
+def input_gradient_penalty(gradients: torch.Tensor, saliency_up: torch.Tensor, has_saliency: torch.Tensor) -> torch.Tensor:
+    """RRR's penalty: mean over samples with a map of sum over (C, H, W) of ((1 - H) * grad)^2."""
+    outside = (1.0 - saliency_up).unsqueeze(1) * gradients
+    return masked_mean(outside.pow(2).sum(dim=(1, 2, 3)), has_saliency)
+
+
+def mask_non_salient(images: torch.Tensor, saliency_up: torch.Tensor, has_saliency: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """H * image + (1 - H) * fill for samples with a map; others unchanged. fill broadcasts to images."""
+    keep = torch.where(has_saliency.view(-1, 1, 1).to(saliency_up.device, torch.bool), saliency_up, torch.ones_like(saliency_up))
+    keep = keep.unsqueeze(1)
+    return keep * images.float() + (1.0 - keep) * fill
+
+
+def prediction_kl(logits: torch.Tensor, masked_logits: torch.Tensor, has_saliency: torch.Tensor) -> torch.Tensor:
+    """Mean over samples with a map of KL(p(x) || p(x_masked))."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    log_q = F.log_softmax(masked_logits.float(), dim=1)
+    return masked_mean((log_p.exp() * (log_p - log_q)).sum(dim=1), has_saliency)
+
+
+# ---- training steps (registered with training.guidance) -----------------------------------------
+
+
+def guidance_weight(config, method: str) -> float:
+    weight = getattr(config, "guidance_weight", None)
+    return DEFAULT_WEIGHTS[method] if weight is None else float(weight)
+
+
+def _mixed(config, ce: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    return config.alpha * ce + (1.0 - config.alpha) * term
+
+
+def _input_maps(model, batch) -> torch.Tensor:
+    return upsample_saliency(batch["saliency"], tuple(batch["image"].shape[-2:]))
+
+
+@register("cam_diff")
+def cam_difference(model, batch, config) -> StepResult:
+    """alpha * CE + (1 - alpha) * MSE(logit-difference CAM, H); the class as config.cam_class chooses."""
+    out = model(batch["image"])
+    ce = F.cross_entropy(out.logits.float(), batch["label"])
+    classes = out.logits.detach().argmax(dim=1) if config.cam_class == "predicted" else batch["label"]
+    term = saliency_mse(logit_difference_cam(out.class_maps.float(), classes), batch["saliency"], batch["has_saliency"])
+    return StepResult(loss=_mixed(config, ce, term), ce=ce, guidance_term=term, logits=out.logits)
+
+
+@register("rrr")
+def right_reasons(model, batch, config) -> StepResult:
+    """alpha * CE + (1 - alpha) * weight * ||(1 - H_up) * d/dx sum_k log p_k||^2, x in [0, 1]."""
+    pixels = (batch["image"].float() / 255.0).requires_grad_(True)
+    logits = model(pixels * 255.0).logits.float()
+    log_p = F.log_softmax(logits, dim=1)
+    ce = F.nll_loss(log_p, batch["label"])
+    (gradients,) = torch.autograd.grad(log_p.sum(), pixels, create_graph=True)
+    term = guidance_weight(config, "rrr") * input_gradient_penalty(gradients, _input_maps(model, batch), batch["has_saliency"])
+    return StepResult(loss=_mixed(config, ce, term), ce=ce, guidance_term=term, logits=logits)
+
+
+@register("mask")
+def masked_training(model, batch, config) -> StepResult:
+    """CE on images whose non-salient pixels are grey (the normalisation mean); alpha is not used."""
+    masked = mask_non_salient(batch["image"], _input_maps(model, batch), batch["has_saliency"], model.pixel_mean)
+    logits = model(masked).logits
+    ce = F.cross_entropy(logits.float(), batch["label"])
+    return StepResult(loss=ce, ce=ce, guidance_term=ce.new_zeros(()), logits=logits)
+
+
+@register("consistency")
+def mask_consistency(model, batch, config) -> StepResult:
+    """alpha * CE(x) + (1 - alpha) * weight * KL(p(x) || p(x with non-salient pixels grey))."""
+    masked = mask_non_salient(batch["image"], _input_maps(model, batch), batch["has_saliency"], model.pixel_mean)
+    both = model(torch.cat([batch["image"].float(), masked])).logits.float()
+    logits, masked_logits = both.chunk(2)
+    ce = F.cross_entropy(logits, batch["label"])
+    term = guidance_weight(config, "consistency") * prediction_kl(logits, masked_logits, batch["has_saliency"])
+    return StepResult(loss=_mixed(config, ce, term), ce=ce, guidance_term=term, logits=logits)
