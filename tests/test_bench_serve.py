@@ -39,6 +39,7 @@ def test_bench_serve_json_report(tmp_path, capsys):
     peak = max(row["throughput"] for row in report["sweep"] if row["kind"] == "tensor")
     assert report["peak_tensor_throughput"] == peak
     assert report["poisson"]["rate"] == pytest.approx(peak / 2, rel=0.01)
+    assert report["poisson"]["ideal_batcher"]["p99_over_p50"] >= 1.0
     assert report["poisson"]["p99_over_p50"] == pytest.approx(report["poisson"]["p99_ms"] / report["poisson"]["p50_ms"], rel=0.01)
     assert report["targets"]["tensor_ratio"] is None  # no concurrency >= 16 in this run
     assert report["targets"]["tail_met"] == (report["poisson"]["p99_over_p50"] <= 2.0)
@@ -52,3 +53,13 @@ def test_bench_serve_rejects_bad_options(tmp_path, capsys):
         main(["bench", "serve", "--concurrency", "1,x"])
     assert main(["bench", "serve", "--model-repository", str(tmp_path / "none")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_ideal_batcher_tail_depends_on_what_batching_saves():
+    from serving.bench import ideal_batcher
+
+    cpu_like = ideal_batcher(25.0, {1: 45.0, 8: 46.0, 32: 48.0}, max_batch=32)  # linear cost: no saving
+    gpu_like = ideal_batcher(1000.0, {1: 200.0, 8: 1500.0, 32: 2000.0}, max_batch=32)  # batch 8 costs 2.7x batch 1
+    assert cpu_like["p50_ms"] > 1000 / 45.0 * 0.99  # never faster than one image alone
+    assert cpu_like["p99_over_p50"] > 3.0
+    assert gpu_like["p99_over_p50"] < 2.0
