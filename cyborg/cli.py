@@ -39,9 +39,17 @@ GROUP_HELP = {
 }
 
 
+TOP_LEVEL_OPTIONS_WITH_VALUE = {"--log-level"}
+
+
 def chosen_command(argv: Sequence[str]) -> tuple[str, ...] | None:
     """The command words in argv, found without importing any command module."""
-    words = [token for token in argv if not token.startswith("-")]
+    words, tokens = [], iter(argv)
+    for token in tokens:
+        if token in TOP_LEVEL_OPTIONS_WITH_VALUE:
+            next(tokens, None)  # the option's value is no command word
+        elif not token.startswith("-"):
+            words.append(token)
     for length in (2, 1):
         if tuple(words[:length]) in COMMANDS:
             return tuple(words[:length])
