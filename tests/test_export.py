@@ -317,3 +317,23 @@ def test_bad_flags_are_refused(exported, tmp_path, capsys, flags, message):
     assert export(exported[1], "--repository", tmp_path / "models", *flags) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "models").exists()
+
+
+def test_threshold_rules_use_validation_predictions():
+    from training.export import choose_threshold
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 200)
+    scores = np.clip(rng.normal(0.35 + 0.3 * labels, 0.15), 0, 1)
+    state = {"val_predictions": {"labels": labels.tolist(), "scores": scores.tolist()}}
+    threshold, info = choose_threshold("eer", state)
+    assert threshold == pytest.approx(equal_error_rate(labels, scores)[1])
+    assert abs(info["fpr"] - (1 - info["tpr"])) < 0.02
+    threshold, info = choose_threshold("fpr:0.05", state)
+    called_fake = scores >= threshold
+    assert called_fake[labels == 0].mean() <= 0.05 == pytest.approx(info["fpr"], abs=0.05)
+    lower = scores[(labels == 0) & (scores < threshold)].max()  # the next real image called fake breaks the budget
+    assert (scores[labels == 0] >= lower).mean() > 0.05
+    assert choose_threshold("0.3", state) == (0.3, {"rule": "fixed", "value": 0.3})
+    with pytest.raises(Exception, match="both classes"):
+        choose_threshold("fpr:0.1", {"val_predictions": {"labels": [1, 1], "scores": [0.2, 0.9]}})

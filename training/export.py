@@ -109,7 +109,7 @@ def choose_threshold(rule: str, state: dict[str, Any]) -> tuple[float, dict[str,
         raise UserError(f"--threshold {rule!r}: fpr:RATE needs a number, e.g. fpr:0.05") from None
     if not 0.0 < target < 1.0:
         raise UserError(f"--threshold {rule}: the false positive rate must be in (0, 1)")
-    fpr, tpr, thresholds = roc_curve(labels, scores, pos_label=c.FAKE_INDEX)
+    fpr, tpr, thresholds = roc_curve(labels, scores, pos_label=c.FAKE_INDEX, drop_intermediate=False)
     index = int(np.nonzero(fpr <= target)[0][-1])  # the most fakes caught within the FPR budget
     info = {"rule": f"fpr:{target:g}"}
     info.update(fpr=float(fpr[index]), tpr=float(tpr[index]), validation_images=int(len(labels)))
