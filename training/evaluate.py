@@ -269,6 +269,7 @@ def plot_cams(
     path: str | Path,
     regions: np.ndarray | None = None,
     columns: int = 4,
+    map_kind: str = "human",
 ) -> None:
     """A grid of CAM overlays: images uint8 [N, 3, H, W], cams [N, h, w] in [0, 1]; a white line
     outlines the human map's top region where `regions` (bool [N, h, w], all False: no map) mark one."""
@@ -297,7 +298,7 @@ def plot_cams(
         ax.set_title(f"{CLASS_NAMES[int(labels[position])]}: fake {scores[position]:.2f}", color="green" if correct else "red", fontsize=9)
     if overlay is not None:
         figure.colorbar(overlay, cax=figure.add_axes((0.9, 0.2, 0.02, 0.6)), label="CAM of the predicted class")
-    figure.suptitle(f"CAM overlays (title green = correct at threshold {threshold:.3g}; white line = human map's top region)", fontsize=9)
+    figure.suptitle(f"CAM overlays (title green = correct at threshold {threshold:.3g}; white line = {map_kind} map's top region)", fontsize=9)
     figure.savefig(path, dpi=100)
 
 
@@ -412,7 +413,7 @@ def evaluate_checkpoint(
     if chosen:
         images = np.stack([dataset[int(predictions["indices"][i])]["image"].numpy() for i in chosen])
         regions = top_region(predictions["saliency"][chosen]) & has_map[chosen, None, None]
-        plot_cams(images, predictions["cams"][chosen], labels[chosen], scores[chosen], threshold, out / "cams.png", regions)
+        plot_cams(images, predictions["cams"][chosen], labels[chosen], scores[chosen], threshold, out / "cams.png", regions, map_kind=maps_kind)
     with (out / "predictions.csv").open("w", newline="") as handle:
         writer = csv_module.writer(handle)
         writer.writerow(["path", "source", "label", "score", "called"])
