@@ -6,6 +6,11 @@ image is called fake when its score is >= the threshold (scikit-learn's `roc_cur
 
 from __future__ import annotations
 
+import csv as csv_io
+import datetime
+import hashlib
+import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +19,16 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from training.model import CamClassifier, fake_probability, select_cam
+from cyborg import __version__
+from cyborg.errors import UserError
+from serving.contract import CLASS_NAMES
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.config import TrainConfig
+from training.data import FaceDataset, discover, saliency_provenance, split_samples, summarise
+from training.distributed import resolve_device
+from training.model import CamClassifier, cam_grid, default_image_size, fake_probability, select_cam
+
+log = logging.getLogger(__name__)
 
 FALLBACK_THRESHOLD = 0.5  # used only when no threshold is given and the EER is undefined (one class)
 
@@ -275,8 +289,6 @@ def plot_cams(
     outlines the human map's top region where `regions` (bool [N, h, w], all False: no map) mark one."""
     from matplotlib.figure import Figure
 
-    from serving.contract import CLASS_NAMES
-
     count = len(images)
     rows = max(1, -(-count // columns))
     height, width = images.shape[-2:]
@@ -317,9 +329,6 @@ def select_samples(samples: list, split: str, val_fraction: float, seed: int) ->
 
     "val" is the checkpoint's own validation split: the data's, else the same seeded hold-out the trainer made.
     """
-    from cyborg.errors import UserError
-    from training.data import split_samples
-
     if split not in SPLIT_CHOICES:
         raise UserError(f"--split {split!r}: choose one of {', '.join(SPLIT_CHOICES)}")
     splits = split_samples(samples, val_fraction, seed)
@@ -333,13 +342,47 @@ def select_samples(samples: list, split: str, val_fraction: float, seed: int) ->
 
 
 def file_sha256(path: Path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def choose_threshold(state: dict[str, Any], threshold: float | None) -> tuple[float, str]:
+    """(threshold, where it came from): the given one, else the checkpoint's validation EER threshold."""
+    eer_threshold = (state.get("val_metrics") or {}).get("eer_threshold")
+    if threshold is not None:
+        return float(threshold), "--threshold"
+    if eer_threshold is not None:
+        return float(eer_threshold), "checkpoint val_metrics.eer_threshold (chosen on validation)"
+    return FALLBACK_THRESHOLD, "default (the checkpoint has no validation EER threshold)"
+
+
+def write_predictions(path: Path, samples: Sequence, labels: np.ndarray, scores: np.ndarray, threshold: float) -> None:
+    """predictions.csv: path, source, label, score, called (the class given at `threshold`)."""
+    with path.open("w", newline="") as handle:
+        writer = csv_io.writer(handle)
+        writer.writerow(["path", "source", "label", "score", "called"])
+        for sample, label, score in zip(samples, labels, scores):
+            writer.writerow([str(sample.path), sample.source, CLASS_NAMES[int(label)], f"{score:.9g}", CLASS_NAMES[int(score >= threshold)]])
+
+
+def checkpoint_provenance(path: Path, state: dict[str, Any], config: TrainConfig, image_size: int, grid: tuple[int, int]) -> dict[str, Any]:
+    return {
+        "path": str(path.resolve()),
+        "sha256": file_sha256(path),
+        "arch": config.arch,
+        "guidance": config.guidance,
+        "alpha": config.alpha,
+        "epoch": state.get("epoch"),
+        "best": state.get("best"),
+        "saliency": state.get("saliency"),
+        "image_size": image_size,
+        "cam_grid": list(grid),
+        "val_metrics": state.get("val_metrics"),
+        "trained_on": (state.get("data") or {}).get("root"),
+    }
 
 
 def evaluate_checkpoint(
@@ -361,19 +404,6 @@ def evaluate_checkpoint(
     The threshold is `threshold` if given, else the one chosen on the checkpoint's validation split
     (its val_metrics["eer_threshold"]), never one fitted to the evaluated data.
     """
-    import csv as csv_module
-    import datetime
-    import json
-    import logging
-
-    from cyborg import __version__
-    from serving.contract import CLASS_NAMES
-    from training.checkpoint import load_checkpoint, model_from_checkpoint
-    from training.data import FaceDataset, discover, saliency_provenance, summarise
-    from training.distributed import resolve_device
-    from training.model import cam_grid, default_image_size
-
-    log = logging.getLogger(__name__)
     checkpoint, out = Path(checkpoint), Path(out)
     state = load_checkpoint(checkpoint)
     model, config = model_from_checkpoint(state)
@@ -381,21 +411,15 @@ def evaluate_checkpoint(
     model.to(torch_device)
     image_size = int(state.get("image_size") or config.image_size or default_image_size(config.arch))
     grid = tuple(state.get("cam_grid") or cam_grid(model, image_size))
+    threshold, threshold_source = choose_threshold(state, threshold)
+    provenance = checkpoint_provenance(checkpoint, state, config, image_size, grid)
 
     samples, split = select_samples(discover(data, csv, heatmaps), split, config.val_fraction, config.seed)
     dataset = FaceDataset(samples, image_size, grid, skip_unreadable=skip_unreadable)
-    trained_on = (state.get("data") or {}).get("root")
+    trained_on = provenance["trained_on"]
     includes_training = split in ("all", "train") and bool(trained_on) and Path(trained_on).resolve() == Path(data).resolve()
     if includes_training:
         log.warning("%s is the data this checkpoint was trained on and --split %s includes its training images", data, split)
-
-    val_metrics = state.get("val_metrics") or {}
-    if threshold is not None:
-        threshold_source = "--threshold"
-    elif val_metrics.get("eer_threshold") is not None:
-        threshold, threshold_source = float(val_metrics["eer_threshold"]), "checkpoint val_metrics.eer_threshold (chosen on validation)"
-    else:
-        threshold, threshold_source = FALLBACK_THRESHOLD, "default (the checkpoint has no validation EER threshold)"
 
     predictions = predict(model, dataset, batch_size=batch_size, device=torch_device, workers=workers, with_cams=True)
     kept = [dataset.samples[i] for i in predictions["indices"]]
@@ -404,8 +428,6 @@ def evaluate_checkpoint(
     has_map = predictions["has_saliency"]
     maps_kind = saliency_provenance(kept)
     agreement = cam_agreement(predictions["cams"], predictions["saliency"], has_map, labels)
-    if agreement is not None:
-        agreement = {"maps": maps_kind, **agreement}
 
     out.mkdir(parents=True, exist_ok=True)
     plot_roc(labels, scores, sources, threshold, out / "roc.png")
@@ -414,11 +436,7 @@ def evaluate_checkpoint(
         images = np.stack([dataset[int(predictions["indices"][i])]["image"].numpy() for i in chosen])
         regions = top_region(predictions["saliency"][chosen]) & has_map[chosen, None, None]
         plot_cams(images, predictions["cams"][chosen], labels[chosen], scores[chosen], threshold, out / "cams.png", regions, map_kind=maps_kind)
-    with (out / "predictions.csv").open("w", newline="") as handle:
-        writer = csv_module.writer(handle)
-        writer.writerow(["path", "source", "label", "score", "called"])
-        for sample, label, score in zip(kept, labels, scores):
-            writer.writerow([str(sample.path), sample.source, CLASS_NAMES[int(label)], f"{score:.9g}", CLASS_NAMES[int(score >= threshold)]])
+    write_predictions(out / "predictions.csv", kept, labels, scores, threshold)
 
     results = {
         **{key: metrics[key] for key in ("auc", "eer", "accuracy", "threshold", "tpr", "fpr", "n_real", "n_fake")},
@@ -426,21 +444,8 @@ def evaluate_checkpoint(
         "threshold_source": threshold_source,
         "eer_threshold_on_this_data": metrics["eer_threshold"],
         "per_source": per_source_metrics(labels, scores, sources, threshold),
-        "cam_agreement": agreement,
-        "checkpoint": {
-            "path": str(checkpoint.resolve()),
-            "sha256": file_sha256(checkpoint),
-            "arch": config.arch,
-            "guidance": config.guidance,
-            "alpha": config.alpha,
-            "epoch": state.get("epoch"),
-            "best": state.get("best"),
-            "saliency": state.get("saliency"),
-            "image_size": image_size,
-            "cam_grid": list(grid),
-            "val_metrics": val_metrics or None,
-            "trained_on": trained_on,
-        },
+        "cam_agreement": None if agreement is None else {"maps": maps_kind, **agreement},
+        "checkpoint": provenance,
         "data": {
             "root": str(Path(data).resolve()),
             "csv": str(csv) if csv else None,
