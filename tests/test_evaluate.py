@@ -59,6 +59,13 @@ def test_known_eer_case():
     assert binary_metrics(labels, scores, threshold=0.6)["fpr"] == pytest.approx(0.25)  # score >= threshold is fake
 
 
+def test_tied_scores_give_a_finite_threshold():
+    # roc_curve's first point sits at threshold +inf; a tie makes it the EER point
+    m = binary_metrics([0, 1], [0.5, 0.5])
+    assert m["auc"] == 0.5 and m["eer"] == 0.5
+    assert np.isfinite(m["eer_threshold"]) and 0.5 < m["eer_threshold"] < 0.5 + 1e-9
+
+
 def test_one_class_has_no_auc_but_no_crash():
     m = binary_metrics([1, 1, 1], [0.9, 0.4, 0.7])
     assert m["auc"] is None and m["eer"] is None and m["eer_threshold"] is None
