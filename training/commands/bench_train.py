@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 DEFAULT_ARCHS = "resnet50,densenet121"
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--archs: give at least one architecture")
     results = []
     for arch in archs:
+        logging.getLogger(__name__).info("timing %s: %d warm-up + %d steps of each of %s", arch, args.warmup, args.steps, ", ".join(WAYS))
         try:
             results.append(bench_arch(arch, args, device))
         except ValueError as error:
