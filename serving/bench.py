@@ -208,14 +208,17 @@ def _cycle(items: Sequence) -> Iterator:
 async def closed_loop(call: Call, requests: Sequence[bytes], concurrency: int, duration: float, warmup: float, cpu: CpuMeter) -> Window:
     """`concurrency` clients, each sending its next request as soon as the last one returns.
 
-    Requests sent during the `duration` after `warmup` are counted, up to their completion.
+    Counted: the requests that complete inside the `duration` window that follows `warmup`
+    (what perf_analyzer counts), so the server is fully loaded for the whole window; requests
+    still in flight at its end are awaited but not counted.
     """
-    window = Window()
+    window = Window(seconds=duration)
     loop = asyncio.get_running_loop()
     start = loop.time() + warmup
     end = start + duration
-    cpu_at_start: list[float] = []
-    loop.call_at(start, lambda: cpu_at_start.append(cpu()))
+    marks: dict[str, float] = {}
+    loop.call_at(start, lambda: marks.setdefault("start", cpu()))
+    loop.call_at(end, lambda: marks.setdefault("end", cpu()))
 
     async def client(offset: int) -> None:
         index = offset
@@ -225,15 +228,14 @@ async def closed_loop(call: Call, requests: Sequence[bytes], concurrency: int, d
             try:
                 await call(request)
             except Exception:  # noqa: BLE001 - counted; the benchmark reports them
-                window.errors += sent >= start
+                window.errors += start <= loop.time() <= end
                 continue
-            if sent >= start:
-                window.latencies.append(loop.time() - sent)
+            if start <= (done := loop.time()) <= end:
+                window.latencies.append(done - sent)
 
     await asyncio.gather(*(client(i) for i in range(concurrency)))
     window.images = len(window.latencies)
-    window.seconds = max(loop.time(), end) - start
-    window.cpu_seconds = cpu() - (cpu_at_start[0] if cpu_at_start else cpu())
+    window.cpu_seconds = marks.get("end", cpu()) - marks.get("start", cpu())
     return window
 
 
