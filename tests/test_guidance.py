@@ -19,7 +19,7 @@ from training.guidance_methods import (
     prediction_kl,
     upsample_saliency,
 )
-from training.loss import saliency_mse
+from training.loss import cyborg_loss, saliency_mse
 from training.model import create_classifier
 
 
@@ -144,6 +144,39 @@ def test_masking_keeps_salient_pixels_and_greys_the_rest():
     assert torch.all(model.seen == 100.0)
 
 
+def test_mask_cyborg_is_the_cyborg_loss_on_the_masked_image():
+    torch.manual_seed(0)
+    model = create_classifier("cyborg_local_tiny").eval()
+    saliency = torch.zeros(2, 4, 4)
+    saliency[:, 1:3, 1:3] = 1.0
+    batch = {
+        "image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+        "label": torch.tensor([0, 1]),
+        "saliency": saliency,
+        "has_saliency": torch.tensor([True, True]),
+    }
+    config = TrainConfig(guidance="mask_cyborg", alpha=0.5)
+    result = get_method("mask_cyborg")(model, batch, config)
+    masked = mask_non_salient(batch["image"], upsample_saliency(saliency, (32, 32)), batch["has_saliency"], model.pixel_mean)
+    out = model(masked)
+    expected = cyborg_loss(out.logits, out.class_maps, batch["label"], saliency, batch["has_saliency"], 0.5)
+    assert result.loss.item() == pytest.approx(expected.total.item(), rel=1e-5)
+    assert result.guidance_term.item() == pytest.approx(expected.saliency.item(), rel=1e-5) and expected.saliency.item() > 0
+
+
+def test_swap_keeps_salient_pixels_and_takes_the_rest_from_a_batch_partner():
+    model = PixelModel(torch.zeros(1, 3, 4, 4))
+    saliency = torch.zeros(6, 2, 2)
+    saliency[:, 0, :] = 1.0  # top row of cells: the top half after upsampling (soft in between)
+    batch = pixel_batch(saliency)
+    torch.manual_seed(0)
+    get_method("swap")(model, batch, TrainConfig(guidance="swap"))
+    seen, images = model.seen, batch["image"].float()
+    assert torch.equal(seen[:, :, 0], images[:, :, 0])  # fully salient row untouched
+    partners = [next(j for j in range(6) if torch.equal(seen[i, :, 3], images[j, :, 3])) for i in range(6)]
+    assert sorted(partners) == list(range(6))  # every bottom row comes from one image: a permutation
+
+
 def test_consistency_is_ce_plus_kl_to_the_masked_prediction():
     logits = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
     masked = torch.tensor([[0.5, 0.5], [0.0, 0.0]])
@@ -204,3 +237,29 @@ def test_recommended_method_ignores_the_decoy_where_ce_follows_it():
     assert results["ce"]["follows_decoy"] > 0.9 and results["ce"]["test_auc"] < 0.8  # CE decides from the corner
     assert results["mask"]["test_auc"] > 0.85 and results["mask"]["follows_decoy"] < 0.6
     assert results["mask"]["test_auc"] > results["ce"]["test_auc"] + 0.1
+
+
+def test_bench_guidance_command(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from cyborg.cli import main
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for index, image in enumerate(synthetic_faces(12, 32, 3)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(faces / f"{index:03d}.png")
+    out = tmp_path / "out"
+    argv = ["bench", "guidance", str(faces), "--methods", "ce,mask", "--seeds", "0", "--epochs", "1", "--image-size", "32",
+            "--arch", "cyborg_local_tiny", "--batch-size", "4", "--json", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["summary"]) == {"ce", "mask"} and result["images"]["decoy"] == {"train": 14, "val": 4, "test": 6}
+    assert result["runs"]["ce"][0]["step_ratio"] == 1.0
+    assert 0.0 <= result["summary"]["mask"]["follows_decoy"]["mean"] <= 1.0
+    assert json.loads((out / "results.json").read_text())["cam_grid"] == [4, 4]
+    assert (out / "cams.png").stat().st_size > 0
+    assert main(["bench", "guidance", str(faces), "--methods", "ce,nope"]) == 2
+    assert "unknown nope" in capsys.readouterr().err
+    assert main(["bench", "guidance", str(tmp_path / "missing")]) == 2

@@ -9,7 +9,7 @@ from typing import Any
 
 from cyborg.errors import UserError
 
-GUIDANCE_METHODS = ("ce", "cyborg", "cam_diff", "rrr", "mask", "consistency")  # registry order: training.guidance
+GUIDANCE_METHODS = ("ce", "cyborg", "cam_diff", "rrr", "mask", "consistency", "mask_cyborg", "swap")  # registry order: training.guidance
 CAM_CLASSES = ("predicted", "true")
 
 

@@ -15,6 +15,8 @@ image. These methods act on the input instead, or on the map that actually drive
 - `consistency`: cross-entropy on the image plus weight * KL(p(x) || p(x_masked)), the decision
   must not change when the non-salient pixels are removed (Saliency Guided Training, Ismail et
   al., NeurIPS 2021, with the human map in place of the model's own saliency).
+- `mask_cyborg`: `mask` with the CYBORG term on the masked image, so that the exported CAM, not
+  only the decision, sits on the annotated regions.
 
 Every method is `alpha * CE + (1 - alpha) * term` except `mask` (CE on the masked image); H is at
 the CAM grid and is bilinearly upsampled to the input size for the pixel-level methods. Samples
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from training.guidance import StepResult, register
-from training.loss import saliency_mse
+from training.loss import cyborg_loss, saliency_mse
 from training.model import normalised_cam
 
 # The weight of the pixel-level terms when the config gives none (measured: docs/guidance.md).
@@ -134,3 +136,26 @@ def mask_consistency(model, batch, config) -> StepResult:
     ce = F.cross_entropy(logits, batch["label"])
     term = guidance_weight(config, "consistency") * prediction_kl(logits, masked_logits, batch["has_saliency"])
     return StepResult(loss=_mixed(config, ce, term), ce=ce, guidance_term=term, logits=logits)
+
+
+@register("mask_cyborg")
+def masked_cyborg(model, batch, config) -> StepResult:
+    """`mask` plus the CYBORG term on the masked image: alpha * CE + (1 - alpha) * MSE(CAM, H)."""
+    masked = mask_non_salient(batch["image"], _input_maps(model, batch), batch["has_saliency"], model.pixel_mean)
+    out = model(masked)
+    terms = cyborg_loss(out.logits, out.class_maps, batch["label"], batch["saliency"], batch["has_saliency"], config.alpha, config.cam_class)
+    return StepResult(loss=terms.total, ce=terms.ce, guidance_term=terms.saliency, logits=out.logits)
+
+
+@register("swap")
+def swapped_context(model, batch, config) -> StepResult:
+    """CE on images whose non-salient pixels come from another image of the batch (a random pairing).
+
+    Like `mask`, the content outside the map then carries no information about the label, but it
+    is real image content, so training and test images look alike. alpha is not used.
+    """
+    partner = batch["image"][torch.randperm(len(batch["image"]), device=batch["image"].device)].float()
+    swapped = mask_non_salient(batch["image"], _input_maps(model, batch), batch["has_saliency"], partner)
+    logits = model(swapped).logits
+    ce = F.cross_entropy(logits.float(), batch["label"])
+    return StepResult(loss=ce, ce=ce, guidance_term=ce.new_zeros(()), logits=logits)

@@ -26,6 +26,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rrr": ("rrr", {}),
     "mask": ("mask", {}),
     "consistency": ("consistency", {}),
+    "mask_cyborg": ("mask_cyborg", {}),
+    "swap": ("swap", {}),
 }
 DEFAULT_METHODS = "ce,cyborg,cyborg_true,cam_diff,rrr,mask,consistency"
 COLUMNS = (  # (key, header)
