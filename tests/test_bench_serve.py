@@ -34,6 +34,7 @@ def test_bench_serve_json_report(tmp_path, capsys):
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
     for row in report["sweep"]:
         assert row["ratio"] == pytest.approx(row["throughput"] / row["baseline"], abs=1e-3)
+        assert 0 < row["batch_ceiling"] <= 1.0
         assert row["per_cpu_second"] > 0 and row["cpu_ratio"] == pytest.approx(row["per_cpu_second"] / row["baseline_per_cpu_second"], abs=1e-3)
 
     peak = max(row["throughput"] for row in report["sweep"] if row["kind"] == "tensor")
