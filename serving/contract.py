@@ -200,5 +200,6 @@ def write_contract(model_dir: str | os.PathLike[str], contract: ModelContract) -
     with os.fdopen(fd, "w") as handle:
         json.dump(contract.to_dict(), handle, indent=2, sort_keys=False)
         handle.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; model files are meant to be read by a server's user
     os.replace(tmp, path)
     return path
