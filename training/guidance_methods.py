@@ -17,8 +17,10 @@ image. These methods act on the input instead, or on the map that actually drive
   al., NeurIPS 2021, with the human map in place of the model's own saliency).
 - `mask_cyborg`: `mask` with the CYBORG term on the masked image, so that the exported CAM, not
   only the decision, sits on the annotated regions.
+- `swap`: train on images whose non-salient pixels come from another image of the batch: real
+  content that carries no label information (the measured recommendation, docs/guidance.md).
 
-Every method is `alpha * CE + (1 - alpha) * term` except `mask` (CE on the masked image); H is at
+Every method is `alpha * CE + (1 - alpha) * term` except `mask` and `swap` (CE on the changed image); H is at
 the CAM grid and is bilinearly upsampled to the input size for the pixel-level methods. Samples
 without a map contribute CE only, as in the CYBORG loss.
 """
