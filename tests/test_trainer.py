@@ -53,7 +53,7 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_epoch_run(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "straight"
-    fit(tiny_config(tiny_data, out), progress=False)
+    fit(tiny_config(tiny_data, out, workers=1), progress=False)  # a persistent worker across both epochs
     return out
 
 
@@ -66,7 +66,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, two_ep
     out = tmp_path / "resumed"
     fit(tiny_config(tiny_data, out, epochs=1), progress=False)
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
-    fit(tiny_config(tiny_data, out, epochs=2), resume=True, progress=False)
+    fit(tiny_config(tiny_data, out, epochs=2, workers=1), resume=True, progress=False)  # loader workers change nothing
     straight, resumed = load_checkpoint(two_epoch_run / "last.pt"), load_checkpoint(out / "last.pt")
     assert resumed["epoch"] == 2
     for name, tensor in straight["model"].items():

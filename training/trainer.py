@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from cyborg.errors import UserError
 from training import distributed
@@ -172,11 +172,13 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> to
 
 def train_loader(dataset: Dataset, config: TrainConfig, info: DistInfo) -> DataLoader:
     """Shuffled batches whose order depends only on (seed, epoch): see `start_epoch`."""
-    sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=config.seed) if info.distributed else None
+    if info.distributed:
+        sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=config.seed)
+    else:  # its own generator: persistent workers draw their base seed from the loader's only once
+        sampler = RandomSampler(dataset, generator=torch.Generator())
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
-        shuffle=sampler is None,
         sampler=sampler,
         num_workers=config.workers,
         pin_memory=info.device.type == "cuda",
@@ -190,6 +192,8 @@ def start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     """Fix this epoch's shuffle and worker seeds, so a resumed run sees the same batches."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
+    else:
+        loader.sampler.generator.manual_seed(seed * 1_000_003 + epoch)
     loader.generator.manual_seed(seed * 1_000_003 + epoch)
 
 
