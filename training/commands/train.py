@@ -12,7 +12,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--heatmaps": ("heatmaps", str, "folder of human (or proxy) saliency maps, matched by file name"),
     "--arch": ("arch", str, "backbone: densenet121, resnet50, inception_v3, xception, efficientnet_lite0, resnet18, mobilenetv2_100 or a timm name"),
     "--weights": ("weights", str, "none, imagenet or a PATH to a state_dict / checkpoint (default: imagenet)"),
-    "--guidance": ("guidance", str, "guidance method (default: cyborg; ce = plain cross-entropy)"),
+    "--guidance": ("guidance", str, "guidance method: ce, cyborg, cam_diff, rrr, mask, consistency, mask_cyborg or swap (default: cyborg; see docs/guidance.md)"),
     "--alpha": ("alpha", float, "alpha * CE + (1 - alpha) * MSE(CAM, H); 1 = CE only (default: 0.5)"),
     "--cam-class": ("cam_class", str, "CAM of the predicted class (the paper) or the true class (default: predicted)"),
     "--guidance-weight": ("guidance_weight", float, "weight of the rrr / consistency term (default: the method's, docs/guidance.md)"),
