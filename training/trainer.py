@@ -228,13 +228,12 @@ def train_one_epoch(
     from tqdm import tqdm
 
     method = get_method(config.guidance)
-    use_cuda_tricks = info.device.type == "cuda"
     model.train()
     sums = {"loss": 0.0, "ce": 0.0, "guidance": 0.0, "correct": 0.0, "count": 0.0}
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
     start = time.perf_counter()
     for step, batch in enumerate(bar):
-        batch = to_device(batch, info.device, config.channels_last and use_cuda_tricks)
+        batch = to_device(batch, info.device, config.channels_last)
         with autocast(info.device, config.amp):
             result = method(model, batch, config)
         if not distributed.all_finite(result.loss, info):
@@ -359,7 +358,7 @@ def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> d
     data = load_data(config, image_size, grid)
     cuda = info.device.type == "cuda"
     model.to(info.device)
-    if cuda and config.channels_last:
+    if config.channels_last:  # about 2x faster on CPU too (FACTS.md, measured)
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
