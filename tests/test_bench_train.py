@@ -13,13 +13,7 @@ from training.model import create_classifier
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny networks only contend on a busy machine with more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture
 def counted_model():

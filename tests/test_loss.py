@@ -14,13 +14,7 @@ from training.model import create_classifier
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny networks only contend on a busy machine with more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def hand_cam(features: np.ndarray, weight: np.ndarray, cls: int) -> np.ndarray:
     """sum_c w[cls, c] * F[c, i, j] with explicit loops, then min-max to [0, 1]."""

@@ -36,13 +36,7 @@ def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these networks are tiny, and extra threads only contend on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
