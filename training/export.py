@@ -272,6 +272,7 @@ def training_provenance(state: dict[str, Any], config, checkpoint: Path) -> dict
         "epochs": state.get("epoch"),
         "best": state.get("best"),
         "seed": config.seed,
+        "val_fraction": config.val_fraction,
     }
 
 
