@@ -59,14 +59,19 @@ class LocalTinyNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _build(cls: type[LocalTinyNet], name: str, pretrained: bool, kwargs: dict) -> LocalTinyNet:
+    """Instantiate a tiny test backbone from timm's factory arguments (they have no pretrained weights)."""
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return cls(**kwargs)
+
+
 @register_model
 def cyborg_local_tiny(pretrained: bool = False, **kwargs) -> LocalTinyNet:
     """A tiny local-features CNN (no pretrained weights)."""
-    if pretrained:
-        raise ValueError("cyborg_local_tiny has no pretrained weights")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return LocalTinyNet(**kwargs)
+    return _build(LocalTinyNet, "cyborg_local_tiny", pretrained, kwargs)
 
 
 class WideTinyNet(LocalTinyNet):
@@ -90,8 +95,4 @@ class WideTinyNet(LocalTinyNet):
 @register_model
 def cyborg_wide_tiny(pretrained: bool = False, **kwargs) -> WideTinyNet:
     """A tiny CNN whose final cells see the whole image (no pretrained weights)."""
-    if pretrained:
-        raise ValueError("cyborg_wide_tiny has no pretrained weights")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return WideTinyNet(**kwargs)
+    return _build(WideTinyNet, "cyborg_wide_tiny", pretrained, kwargs)
