@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from cyborg import __version__
-from cyborg.errors import UserError
+from core.errors import UserError
 
 # (command words) -> (module implementing it, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from serving import contract
+from core import contract
 from training.model import create_classifier, default_image_size, fake_probability, select_cam
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from cyborg.errors import UserError
+from core.errors import UserError
 from serving.errors import wrap_handler
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

@@ -3,7 +3,7 @@
 One run measures, on the same model and images:
 - the baselines without a server: the model in ONNX Runtime (the server's own backend class) at
   its best batch fed with tensors, and fed with encoded images decoded and resized in the same
-  process by `serving.images` (what the server does for every encoded image);
+  process by `core.images` (what the server does for every encoded image);
 - the real server, started as a subprocess (its own interpreter and GIL, as in production, so the
   load generator does not steal its event loop): closed-loop clients at each concurrency sending
   raw tensors (Open Inference Protocol ModelInfer, uint8 [1,3,H,W]) and encoded images
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving import contract as c
-from serving.images import decode_image, to_model_input
+from core import contract as c
+from core.images import decode_image, image_files, to_model_input
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 READY_METHOD = "/inference.GRPCInferenceService/ServerReady"
@@ -132,9 +132,9 @@ def synthetic_images(count: int = 32, size: int = 512, seed: int = 0, quality: i
 
 def folder_images(folder: str | os.PathLike[str], limit: int = 256) -> list[bytes]:
     """Up to `limit` image files from a folder (the ones `decode_image` accepts)."""
-    from cyborg.errors import UserError
+    from core.errors import UserError
 
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
+    paths = image_files(Path(folder), flag="--images")
     images = []
     for path in paths[:limit]:
         data = path.read_bytes()
@@ -151,7 +151,7 @@ def folder_images(folder: str | os.PathLike[str], limit: int = 256) -> list[byte
 # ---- baselines without a server -------------------------------------------------------------
 def load_backend(version_dir: Path):
     """The server's own ONNX Runtime backend class, configured as the server configures it."""
-    from serving.runtime import OnnxRuntimeBackend
+    from engines.runtime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(version_dir / c.ONNX_FILE, device="auto")
 
@@ -174,7 +174,7 @@ def tensor_window(backend, tensors: np.ndarray, batch: int, duration: float) -> 
 
 
 def decode_window(backend, encoded: Sequence[bytes], contract: c.ModelContract, batch: int, duration: float) -> Window:
-    """Decode + resize (serving.images) then the engine, `batch` images a run, all in this process."""
+    """Decode + resize (core.images) then the engine, `batch` images a run, all in this process."""
     cursor = iter(_cycle(encoded))
 
     def step() -> int:
@@ -327,7 +327,7 @@ def server_process(repository: Path, timeout: float = 180.0, extra: Sequence[str
 
     from serving.inference_servicer import messages
 
-    from cyborg.errors import UserError
+    from core.errors import UserError
 
     port = free_port()
     command = [sys.executable, "-m", "cyborg.cli", "--log-level=WARNING", "serve", f"--model-repository={repository}",
@@ -366,7 +366,7 @@ def server_process(repository: Path, timeout: float = 180.0, extra: Sequence[str
 # ---- the whole benchmark --------------------------------------------------------------------
 def resolve_model(repository: Path, model: str | None, version: int | None) -> tuple[c.ModelContract, Path]:
     """The contract and folder of the model to benchmark (default: the only/first model, latest version)."""
-    from cyborg.errors import UserError
+    from core.errors import UserError
 
     names = sorted(p.name for p in repository.iterdir() if p.is_dir()) if repository.is_dir() else []
     if not names:

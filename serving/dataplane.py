@@ -16,10 +16,10 @@ from concurrent.futures import Executor
 import numpy as np
 from PIL import Image
 
-from serving import heatmaps
-from serving.contract import CAM_OUTPUT, SCORE_OUTPUT, ModelContract
+from core import heatmaps
+from core.contract import CAM_OUTPUT, SCORE_OUTPUT, ModelContract
 from serving.errors import InvalidArgument, ModelNotFound, reason_of  # noqa: F401 (ModelNotFound: part of this API)
-from serving.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MIN_SIDE, decode_image, to_model_input
+from core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MIN_SIDE, decode_image, to_model_input
 from serving.metrics import Metrics
 from serving.repository import ModelRepository
 

@@ -12,8 +12,7 @@ import logging
 
 import grpc
 
-from cyborg.errors import UserError
-from serving.images import ImageError, ImageTooLarge
+from core.errors import ImageError, ImageTooLarge, UserError
 
 log = logging.getLogger(__name__)
 

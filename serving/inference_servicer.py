@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 
 from cyborg import __version__
-from serving import contract as c
+from core import contract as c
 from serving.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "cyborg"
-PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX models
 GENERATED = Path(__file__).parent / "proto" / "inference" / "grpc_service_pb2.py"
 MESSAGES = (
     "ServerLiveRequest", "ServerLiveResponse", "ServerReadyRequest", "ServerReadyResponse",
@@ -84,7 +83,7 @@ def parse_version(text: str) -> int:
 
 def output_shapes(contract: c.ModelContract) -> dict[str, list[int]]:
     """Output shapes with -1 for the batch dimension."""
-    return {c.SCORE_OUTPUT: [-1], c.LOGITS_OUTPUT: [-1, len(contract.class_names)], c.CAM_OUTPUT: [-1, *contract.cam_shape]}
+    return {name: list(shape) for name, shape in contract.output_shapes(-1).items()}
 
 
 def input_images(request, contract: c.ModelContract) -> np.ndarray:
@@ -150,7 +149,7 @@ class InferenceServicer:
     async def ModelMetadata(self, request, context):
         contract = self.dataplane.contract(request.name, parse_version(request.version))
         versions = sorted({m.version for m in self.dataplane.models() if m.name == contract.name})
-        response = self.m.ModelMetadataResponse(name=contract.name, versions=[str(v) for v in versions], platform=PLATFORM)
+        response = self.m.ModelMetadataResponse(name=contract.name, versions=[str(v) for v in versions], platform=c.TRITON_PLATFORM)
         response.inputs.add(name=contract.input_name, datatype=INPUT_DATATYPE, shape=[-1, *contract.input_shape])
         for name, shape in output_shapes(contract).items():
             response.outputs.add(name=name, datatype=OUTPUT_DATATYPE, shape=shape)

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from serving.batcher import Batcher
-from serving.contract import CONTRACT_FILE, ONNX_FILE, OUTPUT_NAMES, TENSORRT_FILE, ModelContract, read_contract
+from core.contract import CONTRACT_FILE, ONNX_FILE, OUTPUT_NAMES, TENSORRT_FILE, ModelContract, read_contract
 from serving.errors import ModelNotFound, ModelNotReady
 from serving.metrics import Metrics
-from serving.runtime import Backend, load_backend
+from engines.runtime import Backend, load_backend
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def signature(folder: Path) -> tuple:
 
 def check_folder(folder: Path, contract: ModelContract) -> None:
     """A contract must match the folder it sits in (`<name>/<version>`)."""
-    from serving.contract import ContractError
+    from core.errors import ContractError
 
     if contract.name != folder.parent.name or contract.version != int(folder.name):
         raise ContractError(
@@ -301,7 +301,7 @@ class ModelRepository:
 
 def warm(backend: Backend, contract: ModelContract, max_batch_size: int) -> None:
     """Run the engine at batch 1 and the largest batch; check output shapes against the contract."""
-    from serving.contract import ContractError
+    from core.errors import ContractError
 
     for batch in sorted({1, max_batch_size}):
         outputs = backend.run(np.zeros((batch, *contract.input_shape), np.uint8))

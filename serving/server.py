@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cyborg.errors import UserError
+from core.errors import UserError
 from serving import inference_servicer, servicer
 from serving.auth import BearerTokenInterceptor, read_tokens
 from serving.dataplane import DataPlane, Limits

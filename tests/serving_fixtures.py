@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving import contract as c
+from core import contract as c
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)

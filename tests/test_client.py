@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from cyborg.cli import main
-from serving import contract as c
+from core import contract as c
 from serving.client import ClientError, Detection, DetectionError, DetectorClient
-from serving.images import decode_image, to_model_input
+from core.images import decode_image, to_model_input
 from tests.serving_fixtures import RunningServer, build_model_repository, reference_outputs
 
 SIZE = 32

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from serving import contract as c
+from core import contract as c
 
 
 def make_contract(**changes) -> c.ModelContract:

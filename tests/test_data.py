@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 
 from cyborg.cli import main
-from cyborg.errors import UserError
-from serving.images import read_image, to_model_input
+from core.errors import UserError
+from core.images import read_image, to_model_input
 from tests.datasets import corrupt, make_csv_dataset, make_face_image, make_plain_dataset
 from training.data import LABELS, FaceDataset, discover, saliency_provenance, split_samples
 
 
 def test_labels_follow_the_contract():
-    from serving.contract import CLASS_NAMES, FAKE_INDEX
+    from core.contract import CLASS_NAMES, FAKE_INDEX
 
     assert LABELS[CLASS_NAMES[FAKE_INDEX]] == FAKE_INDEX and sorted(LABELS.values()) == [0, 1]
 

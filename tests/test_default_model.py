@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving import contract as c
-from serving.images import read_image, to_model_input
+from core import contract as c
+from core.images import read_image, to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

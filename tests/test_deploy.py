@@ -437,7 +437,7 @@ def check_triton_script(tmp_path: Path, port: int, model_folder: Path) -> None:
     """docs/deploy.md's tritonclient script, run unchanged against the server, matches ONNX Runtime."""
     from PIL import Image
 
-    from serving.images import read_image, to_model_input
+    from core.images import read_image, to_model_input
     from tests.serving_fixtures import random_images, reference_outputs
 
     pytest.importorskip("tritonclient.grpc")

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from cyborg.cli import main
-from serving import contract as c
+from core import contract as c
 from tests.datasets import make_face_image
 from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.evaluate import binary_metrics, equal_error_rate
+from core.thresholds import equal_error_rate
+from training.evaluate import binary_metrics
 from training.model import cam_grid, create_classifier, fake_probability
 
 SIZE = 64
@@ -43,7 +44,7 @@ def make_checkpoint(folder: Path, arch: str = "test_resnet", seed: int = 0) -> P
         make_face_image(label, 80, rng).save(path)  # not 64 px: export must resize as serving does
         paths.append(str(path))
         labels.append(label)
-    from training.export import load_images
+    from core.images import load_images
 
     with torch.no_grad():
         scores = fake_probability(model(torch.from_numpy(load_images(paths, SIZE, SIZE))).logits).tolist()
@@ -127,7 +128,8 @@ def test_layout_contract_and_checksums(exported, tmp_path):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onnx_matches_torch_with_dynamic_batch(exported, batch):
-    from training.export import load_images, validation_images
+    from core.images import load_images
+    from training.checkpoint import validation_images
     from training.onnx_export import ExportModule, compare, ort_session, run_onnx, run_torch
 
     repo, checkpoint = exported
@@ -195,7 +197,8 @@ def test_int8_model_runs_and_stays_close(exported):
 
     from training.onnx_export import ort_session, run_onnx
 
-    from training.export import load_images, validation_images
+    from core.images import load_images
+    from training.checkpoint import validation_images
 
     repo, checkpoint = exported
     version = repo / "det" / "1"
@@ -261,7 +264,8 @@ def test_failed_force_keeps_the_old_version(exported, tmp_path, monkeypatch):
 
 
 def test_force_replaces_a_version_with_another_architecture(exported, tmp_path):
-    from training.export import load_images, validation_images
+    from core.images import load_images
+    from training.checkpoint import validation_images
     from training.onnx_export import ExportModule, compare, ort_session, run_onnx, run_torch
 
     repo = tmp_path / "models"

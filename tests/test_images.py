@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.images import ImageError, ImageTooLarge, decode_image, to_model_input
+from core.errors import ImageError, ImageTooLarge
+from core.images import decode_image, to_model_input
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:

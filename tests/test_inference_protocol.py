@@ -9,7 +9,7 @@ tc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2  # noqa: E402  (tritonclient's own generated messages)
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from serving import contract as c  # noqa: E402
+from core import contract as c  # noqa: E402
 from tests.serving_fixtures import RunningServer, build_model_repository, random_images, reference_outputs  # noqa: E402
 
 SIZE = 32

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cyborg.cli import main as cli
-from serving import contract as c
+from core import contract as c
 from serving.errors import ModelNotFound, ModelNotReady
 from serving.metrics import Metrics
 from serving.repository import ModelRepository, RepositorySettings

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cyborg.cli import main
-from cyborg.errors import UserError
+from core.errors import UserError
 from tests.datasets import corrupt, make_csv_dataset, make_plain_dataset
 from training.data import discover, saliency_provenance
 from training.saliency import (

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving import contract as c
-from serving.images import to_model_input
+from core import contract as c
+from core.images import to_model_input
 from serving.proto.cyborg.v1 import detector_pb2 as pb
 from serving.proto.cyborg.v1 import detector_pb2_grpc as pb_grpc
 from tests.serving_fixtures import RunningServer, build_model_repository, random_images, reference_outputs

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving import contract as c
+from core import contract as c
 from serving.proto.cyborg.v1 import detector_pb2 as pb
 from serving.proto.cyborg.v1 import detector_pb2_grpc as pb_grpc
 from tests.serving_fixtures import RunningServer, build_model_repository, random_images, reference_outputs, write_model_version

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from serving import contract as c
-from serving.contract import ContractError
-from serving.runtime import OnnxRuntimeBackend, cuda_device_count, load_backend, onnxruntime_providers, tensorrt_available
+from core import contract as c
+from core.errors import ContractError
+from engines.runtime import OnnxRuntimeBackend, cuda_device_count, load_backend, onnxruntime_providers, tensorrt_available
 from tests.serving_fixtures import random_images, reference_outputs, write_model_version
 
 NO_GPU = cuda_device_count() == 0

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cyborg.cli import main
-from cyborg.errors import UserError
+from core.errors import UserError
 from tests.datasets import corrupt, make_plain_dataset
 from training import guidance
 from training.checkpoint import load_checkpoint, model_from_checkpoint

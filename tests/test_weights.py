@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cyborg.errors import UserError
+from core.errors import UserError
 from training.checkpoint import save_checkpoint
 from training.model import IMAGENET_MEAN, IMAGENET_STD, create_backbone, create_classifier
 from training.weights import efficientnet_lite0_imagenet_state_dict, load_pretrained

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cyborg.errors import UserError
+from core.errors import UserError
 
 GUIDANCE_METHODS = ("ce", "cyborg", "cam_diff", "rrr", "mask", "consistency", "mask_cyborg", "swap")  # registry order: training.guidance
 CAM_CLASSES = ("predicted", "true")

@@ -8,7 +8,7 @@ Two layouts are read by `discover`:
   DATA/maps/ with the same file names; or DATA/train/, DATA/val/, DATA/test/ each laid out that way.
 
 `split_samples` holds a seeded, label-stratified validation set out of the training split when the
-data has none. `FaceDataset` prepares images through `serving.images` (exactly as the server does)
+data has none. `FaceDataset` prepares images through `core.images` (exactly as the server does)
 and maps through `training.saliency.prepare_map`.
 """
 
@@ -26,20 +26,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cyborg.errors import UserError
-from serving.contract import CLASS_NAMES, FAKE_INDEX
-from serving.images import read_image, to_model_input
+from core.errors import UserError
+from core.contract import CLASS_NAMES, FAKE_INDEX, REAL_INDEX
+from core.images import is_image_file, read_image, to_model_input
 from training.saliency import prepare_map, read_provenance
 
 log = logging.getLogger(__name__)
 
 LABELS = {name: index for index, name in enumerate(CLASS_NAMES)}  # {"real": 0, "fake": 1}
-REAL_INDEX = LABELS[CLASS_NAMES[1 - FAKE_INDEX]]
 # Class names accepted in a CSV (any case): the authors write Real / Synthetic.
 CSV_CLASS_NAMES = {"real": REAL_INDEX, "synthetic": FAKE_INDEX, "fake": FAKE_INDEX}
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAPS_FOLDER = "maps"
 MAX_NAMED = 5  # how many file names an error message lists
 
@@ -47,14 +45,10 @@ MAX_NAMED = 5  # how many file names an error message lists
 @dataclasses.dataclass(frozen=True)
 class Sample:
     path: Path
-    label: int  # 0 real, 1 fake (serving.contract.CLASS_NAMES order)
+    label: int  # 0 real, 1 fake (core.contract.CLASS_NAMES order)
     split: str  # "train" | "val" | "test"
     source: str  # generator / collection, for per-source evaluation
     map_path: Path | None = None
-
-
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def name_list(items: Sequence[object], limit: int = MAX_NAMED) -> str:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serving.contract import FAKE_INDEX
-from serving.images import read_image, to_model_input
+from core.contract import FAKE_INDEX
+from core.images import read_image, to_model_input
 
 REAL = 1 - FAKE_INDEX
 # Annotated regions of FFHQ-aligned faces as ellipses (centre x, centre y, radius x, radius y), in
@@ -112,16 +112,16 @@ def add_decoy(images: torch.Tensor, decoy_class: torch.Tensor, spec: DecoySpec) 
 
 def load_faces(folder: str | os.PathLike[str], size: int, limit: int | None = None) -> torch.Tensor:
     """uint8 [N, 3, size, size] from the image files of a folder (sorted by name), resized as in training."""
-    from training.data import is_image_file
+    from core.images import is_image_file
 
     folder = Path(folder)
     if not folder.is_dir():
-        from cyborg.errors import UserError
+        from core.errors import UserError
 
         raise UserError(f"{folder}: not a folder of face photos")
     paths = sorted(path for path in folder.iterdir() if is_image_file(path))[:limit]
     if len(paths) < 8:
-        from cyborg.errors import UserError
+        from core.errors import UserError
 
         raise UserError(f"{folder}: {len(paths)} images found; the decoy benchmark needs at least 8")
     return torch.from_numpy(np.stack([to_model_input(read_image(path), size, size) for path in paths]))

@@ -35,7 +35,7 @@ class DistInfo:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """"auto" -> CUDA when available, else CPU; "cuda" on a machine without CUDA is a clear error."""
-    from cyborg.errors import UserError
+    from core.errors import UserError
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,14 +1,14 @@
 """Evaluation: scores from a model, AUC / EER / accuracy overall and per source, CAM agreement, pictures.
 
-Conventions: label 1 = fake (serving.contract's class order), a score is the fake probability, and an
-image is called fake when its score is >= the threshold (scikit-learn's `roc_curve` convention).
+Conventions: label 1 = fake (core.contract's class order), a score is the fake probability, and an
+image is called fake when its score is >= the threshold (`core.contract.called_fake`). The EER and
+the threshold rules are `core.thresholds`'; AUC comes from scikit-learn.
 """
 
 from __future__ import annotations
 
 import csv as csv_io
 import datetime
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -17,21 +17,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 
 from cyborg import __version__
-from cyborg.errors import UserError
-from serving.contract import CLASS_NAMES
-from training.checkpoint import load_checkpoint, model_from_checkpoint
+from core.errors import UserError
+from core.contract import CLASS_NAMES, called_fake, sha256_file
+from core.heatmaps import upsample
+from core.thresholds import FALLBACK_THRESHOLD, equal_error_rate, evaluation_threshold, roc_curve
+from training.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint
 from training.config import TrainConfig
 from training.data import FaceDataset, discover, saliency_provenance, split_samples, summarise
 from training.distributed import resolve_device
 from training.model import CamClassifier, cam_grid, default_image_size, fake_probability, select_cam
 
 log = logging.getLogger(__name__)
-
-FALLBACK_THRESHOLD = 0.5  # used only when no threshold is given and the EER is undefined (one class)
-
 
 def _as_arrays(labels: Sequence, scores: Sequence) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels).astype(np.int64).ravel()
@@ -45,17 +44,6 @@ def _as_arrays(labels: Sequence, scores: Sequence) -> tuple[np.ndarray, np.ndarr
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinity")
     return labels, scores
-
-
-def equal_error_rate(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """(EER, threshold) where the false-positive and false-negative rates are closest (both classes needed)."""
-    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
-    fnr = 1.0 - tpr
-    index = int(np.argmin(np.abs(fnr - fpr)))
-    threshold = float(thresholds[index])
-    if not np.isfinite(threshold):  # sklearn's first point (nothing called fake) sits at +inf
-        threshold = float(np.nextafter(scores.max(), np.inf))
-    return float((fpr[index] + fnr[index]) / 2.0), threshold
 
 
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None = None) -> dict[str, Any]:
@@ -73,15 +61,15 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | No
         eer, eer_threshold = equal_error_rate(labels, scores)
     if threshold is None:
         threshold = eer_threshold if eer_threshold is not None else FALLBACK_THRESHOLD
-    called_fake = scores >= threshold
+    fake = called_fake(scores, threshold)
     return {
         "auc": auc,
         "eer": eer,
         "eer_threshold": eer_threshold,
         "threshold": float(threshold),
-        "accuracy": float((called_fake == labels.astype(bool)).mean()),
-        "tpr": float(called_fake[labels == 1].mean()) if n_fake else None,
-        "fpr": float(called_fake[labels == 0].mean()) if n_real else None,
+        "accuracy": float((fake == labels.astype(bool)).mean()),
+        "tpr": float(fake[labels == 1].mean()) if n_fake else None,
+        "fpr": float(fake[labels == 0].mean()) if n_real else None,
         "n_real": n_real,
         "n_fake": n_fake,
     }
@@ -304,21 +292,14 @@ def plot_cams(
         ax.imshow(images[position].transpose(1, 2, 0))
         overlay = ax.imshow(upsampled[position], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
         if regions is not None and 0 < regions[position].mean() < 1:
-            mask = upsample(regions[position][None].astype(np.float32), height, width, mode="nearest")[0]
+            mask = upsample(regions[position].astype(np.float32), height, width, resample="nearest")
             ax.contour(mask, levels=[0.5], colors="white", linewidths=1.0)
-        correct = (scores[position] >= threshold) == bool(labels[position])
+        correct = called_fake(scores[position], threshold) == bool(labels[position])
         ax.set_title(f"{CLASS_NAMES[int(labels[position])]}: fake {scores[position]:.2f}", color="green" if correct else "red", fontsize=9)
     if overlay is not None:
         figure.colorbar(overlay, cax=figure.add_axes((0.9, 0.2, 0.02, 0.6)), label="CAM of the predicted class")
     figure.suptitle(f"CAM overlays (title green = correct at threshold {threshold:.3g}; white line = {map_kind} map's top region)", fontsize=9)
     figure.savefig(path, dpi=100)
-
-
-def upsample(maps: np.ndarray, height: int, width: int, mode: str = "bilinear") -> np.ndarray:
-    """[N, h, w] grid maps -> [N, height, width] for drawing over the images."""
-    tensor = torch.as_tensor(np.asarray(maps, dtype=np.float32))[:, None]
-    options = {"align_corners": False} if mode == "bilinear" else {}
-    return torch.nn.functional.interpolate(tensor, size=(height, width), mode=mode, **options)[:, 0].numpy()
 
 
 SPLIT_CHOICES = ("auto", "test", "val", "train", "all")
@@ -341,47 +322,29 @@ def select_samples(samples: list, split: str, val_fraction: float, seed: int) ->
     return chosen, split
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def choose_threshold(state: dict[str, Any], threshold: float | None) -> tuple[float, str]:
-    """(threshold, where it came from): the given one, else the checkpoint's validation EER threshold."""
-    eer_threshold = (state.get("val_metrics") or {}).get("eer_threshold")
-    if threshold is not None:
-        return float(threshold), "--threshold"
-    if eer_threshold is not None:
-        return float(eer_threshold), "checkpoint val_metrics.eer_threshold (chosen on validation)"
-    return FALLBACK_THRESHOLD, "default (the checkpoint has no validation EER threshold)"
-
-
 def write_predictions(path: Path, samples: Sequence, labels: np.ndarray, scores: np.ndarray, threshold: float) -> None:
     """predictions.csv: path, source, label, score, called (the class given at `threshold`)."""
     with path.open("w", newline="") as handle:
         writer = csv_io.writer(handle)
         writer.writerow(["path", "source", "label", "score", "called"])
         for sample, label, score in zip(samples, labels, scores):
-            writer.writerow([str(sample.path), sample.source, CLASS_NAMES[int(label)], f"{score:.9g}", CLASS_NAMES[int(score >= threshold)]])
+            writer.writerow([str(sample.path), sample.source, CLASS_NAMES[int(label)], f"{score:.9g}", CLASS_NAMES[int(called_fake(score, threshold))]])
 
 
-def checkpoint_provenance(path: Path, state: dict[str, Any], config: TrainConfig, image_size: int, grid: tuple[int, int]) -> dict[str, Any]:
+def checkpoint_provenance(path: Path, state: Checkpoint, config: TrainConfig, image_size: int, grid: tuple[int, int]) -> dict[str, Any]:
     return {
         "path": str(path.resolve()),
-        "sha256": file_sha256(path),
+        "sha256": sha256_file(path),
         "arch": config.arch,
         "guidance": config.guidance,
         "alpha": config.alpha,
-        "epoch": state.get("epoch"),
-        "best": state.get("best"),
-        "saliency": state.get("saliency"),
+        "epoch": state.epoch,
+        "best": state.best,
+        "saliency": state.saliency,
         "image_size": image_size,
         "cam_grid": list(grid),
-        "val_metrics": state.get("val_metrics"),
-        "trained_on": (state.get("data") or {}).get("root"),
+        "val_metrics": state.val_metrics or None,
+        "trained_on": state.data.get("root"),
     }
 
 
@@ -405,13 +368,13 @@ def evaluate_checkpoint(
     (its val_metrics["eer_threshold"]), never one fitted to the evaluated data.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    state = load_checkpoint(checkpoint)
+    state = read_checkpoint(checkpoint)
     model, config = model_from_checkpoint(state)
     torch_device = resolve_device(device)
     model.to(torch_device)
-    image_size = int(state.get("image_size") or config.image_size or default_image_size(config.arch))
-    grid = tuple(state.get("cam_grid") or cam_grid(model, image_size))
-    threshold, threshold_source = choose_threshold(state, threshold)
+    image_size = int(state.image_size or config.image_size or default_image_size(config.arch))
+    grid = tuple(state.cam_grid or cam_grid(model, image_size))
+    threshold, threshold_source = evaluation_threshold(threshold, state.val_metrics.get("eer_threshold"))
     provenance = checkpoint_provenance(checkpoint, state, config, image_size, grid)
 
     samples, split = select_samples(discover(data, csv, heatmaps), split, config.val_fraction, config.seed)

@@ -2,30 +2,22 @@
 
 A method is `method(model, batch, config) -> StepResult`; `batch` is a dict of tensors already on
 the model's device ("image" uint8 [B,3,H,W], "label" [B], "saliency" [B,h,w], "has_saliency" [B]).
-Doing its own forward lets a method mask the input or take input gradients. Add one with
-`@register("name")` and list the name in `training.config.GUIDANCE_METHODS` (a test keeps the two
-in step, so the CLI can validate names without importing torch).
+Doing its own forward lets a method mask the input or take input gradients. Add one by writing
+it (here, or in `training.guidance_methods` for the pixel-level ones), registering it below with
+`register("name")(function)`, and listing the name in `training.config.GUIDANCE_METHODS` (a test
+keeps the two in step, so the CLI can validate names without importing torch).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from training.loss import cyborg_loss
-
-
-@dataclasses.dataclass
-class StepResult:
-    loss: torch.Tensor  # what backward() is called on
-    ce: torch.Tensor  # the cross-entropy part, for logs
-    guidance_term: torch.Tensor  # the guidance part (0 for plain CE), for logs
-    logits: torch.Tensor  # [B, 2], for accuracy
-
+from training import guidance_methods as pixel
+from training.loss import StepResult, cyborg_loss
 
 GuidanceMethod = Callable[[torch.nn.Module, dict[str, torch.Tensor], Any], StepResult]
 METHODS: dict[str, GuidanceMethod] = {}
@@ -68,6 +60,10 @@ def cyborg(model, batch, config) -> StepResult:
     return StepResult(loss=terms.total, ce=terms.ce, guidance_term=terms.saliency, logits=out.logits)
 
 
-# Methods that constrain the input pixels (cam_diff, rrr, mask, consistency) live in their own module
-# and register themselves here; imported last, once `register` and `StepResult` exist.
-from training import guidance_methods as _guidance_methods  # noqa: E402,F401
+# Methods that constrain the input pixels, or the map that drives the softmax (training.guidance_methods).
+register("cam_diff")(pixel.cam_difference)
+register("rrr")(pixel.right_reasons)
+register("mask")(pixel.masked_training)
+register("consistency")(pixel.mask_consistency)
+register("mask_cyborg")(pixel.masked_cyborg)
+register("swap")(pixel.swapped_context)

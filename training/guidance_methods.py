@@ -1,8 +1,7 @@
 """Guidance methods beyond the CYBORG loss: they constrain which input pixels carry the evidence.
 
-FACTS.md ("CAM guidance moves the CAM more than the decision") measured that matching the CAM to
-the human map H moves the heatmap but not the decision when the last feature cells see the whole
-image. These methods act on the input instead, or on the map that actually drives the softmax:
+Matching the CAM to the human map H moves the heatmap more than the decision when the last
+feature cells see the whole image (measured: docs/guidance.md). These methods act on the input instead, or on the map that actually drives the softmax:
 
 - `cam_diff`: CYBORG's MSE on the CAM of the logit difference (chosen class minus the other: for
   a fake, fake-minus-real), the map whose mean *is* the decision's margin.
@@ -30,8 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.guidance import StepResult, register
-from training.loss import cyborg_loss, saliency_mse
+from training.loss import StepResult, cam_classes, cyborg_loss, saliency_mse
 from training.model import normalised_cam
 
 # The weight of the pixel-level terms when the config gives none (measured: docs/guidance.md).
@@ -82,7 +80,7 @@ def prediction_kl(logits: torch.Tensor, masked_logits: torch.Tensor, has_salienc
     return masked_mean((log_p.exp() * (log_p - log_q)).sum(dim=1), has_saliency)
 
 
-# ---- training steps (registered with training.guidance) -----------------------------------------
+# ---- training steps (registered by name in training.guidance) ------------------------------------
 
 
 def guidance_weight(config, method: str) -> float:
@@ -98,17 +96,15 @@ def _input_maps(model, batch) -> torch.Tensor:
     return upsample_saliency(batch["saliency"], tuple(batch["image"].shape[-2:]))
 
 
-@register("cam_diff")
 def cam_difference(model, batch, config) -> StepResult:
     """alpha * CE + (1 - alpha) * MSE(logit-difference CAM, H); the class as config.cam_class chooses."""
     out = model(batch["image"])
     ce = F.cross_entropy(out.logits.float(), batch["label"])
-    classes = out.logits.detach().argmax(dim=1) if config.cam_class == "predicted" else batch["label"]
+    classes = cam_classes(out.logits, batch["label"], config.cam_class)
     term = saliency_mse(logit_difference_cam(out.class_maps.float(), classes), batch["saliency"], batch["has_saliency"])
     return StepResult(loss=_mixed(config, ce, term), ce=ce, guidance_term=term, logits=out.logits)
 
 
-@register("rrr")
 def right_reasons(model, batch, config) -> StepResult:
     """alpha * CE + (1 - alpha) * weight * ||(1 - H_up) * d/dx sum_k log p_k||^2, x in [0, 1]."""
     pixels = (batch["image"].float() / 255.0).requires_grad_(True)
@@ -120,7 +116,6 @@ def right_reasons(model, batch, config) -> StepResult:
     return StepResult(loss=_mixed(config, ce, term), ce=ce, guidance_term=term, logits=logits)
 
 
-@register("mask")
 def masked_training(model, batch, config) -> StepResult:
     """CE on images whose non-salient pixels are grey (the normalisation mean); alpha is not used."""
     masked = mask_non_salient(batch["image"], _input_maps(model, batch), batch["has_saliency"], model.pixel_mean)
@@ -129,7 +124,6 @@ def masked_training(model, batch, config) -> StepResult:
     return StepResult(loss=ce, ce=ce, guidance_term=ce.new_zeros(()), logits=logits)
 
 
-@register("consistency")
 def mask_consistency(model, batch, config) -> StepResult:
     """alpha * CE(x) + (1 - alpha) * weight * KL(p(x) || p(x with non-salient pixels grey))."""
     masked = mask_non_salient(batch["image"], _input_maps(model, batch), batch["has_saliency"], model.pixel_mean)
@@ -140,7 +134,6 @@ def mask_consistency(model, batch, config) -> StepResult:
     return StepResult(loss=_mixed(config, ce, term), ce=ce, guidance_term=term, logits=logits)
 
 
-@register("mask_cyborg")
 def masked_cyborg(model, batch, config) -> StepResult:
     """`mask` plus the CYBORG term on the masked image: alpha * CE + (1 - alpha) * MSE(CAM, H)."""
     masked = mask_non_salient(batch["image"], _input_maps(model, batch), batch["has_saliency"], model.pixel_mean)
@@ -149,7 +142,6 @@ def masked_cyborg(model, batch, config) -> StepResult:
     return StepResult(loss=terms.total, ce=terms.ce, guidance_term=terms.saliency, logits=out.logits)
 
 
-@register("swap")
 def swapped_context(model, batch, config) -> StepResult:
     """CE on images whose non-salient pixels come from another image of the batch (a random pairing).
 

@@ -18,21 +18,34 @@ from training.model import select_cam
 
 
 @dataclasses.dataclass
+class StepResult:
+    """What one guidance method's training step gives the loop (training.guidance)."""
+
+    loss: torch.Tensor  # what backward() is called on
+    ce: torch.Tensor  # the cross-entropy part, for logs
+    guidance_term: torch.Tensor  # the guidance part (0 for plain CE), for logs
+    logits: torch.Tensor  # [B, classes], for accuracy
+
+
+@dataclasses.dataclass
 class LossTerms:
     total: torch.Tensor  # alpha * ce + (1 - alpha) * saliency
     ce: torch.Tensor  # mean cross-entropy over the batch
     saliency: torch.Tensor  # mean over samples with a map of the per-sample MSE(CAM, H); 0 if none
 
 
+def cam_classes(logits: torch.Tensor, labels: torch.Tensor, cam_class: str) -> torch.Tensor:
+    """The class whose CAM is guided, per image: the predicted one (argmax, no gradient) or the true one."""
+    if cam_class == "predicted":
+        return logits.detach().argmax(dim=1)
+    if cam_class == "true":
+        return labels
+    raise ValueError(f"cam_class {cam_class!r}: choose one of {', '.join(CAM_CLASSES)}")
+
+
 def cam_for_loss(class_maps: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, cam_class: str) -> torch.Tensor:
     """The normalised CAM [B, h, w] of the predicted (argmax, no gradient) or the true class."""
-    if cam_class == "predicted":
-        classes = logits.detach().argmax(dim=1)
-    elif cam_class == "true":
-        classes = labels
-    else:
-        raise ValueError(f"cam_class {cam_class!r}: choose one of {', '.join(CAM_CLASSES)}")
-    return select_cam(class_maps.float(), classes)
+    return select_cam(class_maps.float(), cam_classes(logits, labels, cam_class))
 
 
 def saliency_mse(cam: torch.Tensor, saliency: torch.Tensor, has_saliency: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from serving.contract import FAKE_INDEX
+from core.contract import FAKE_INDEX
 from training import backbones as _backbones  # noqa: F401  registers cyborg_local_tiny with timm
 
 # Architectures the project documents and tests; any other timm name that meets the contract works too.

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cyborg.errors import UserError
-from serving.contract import CAM_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, OUTPUT_NAMES, SCORE_OUTPUT
+from core.errors import UserError
+from core.contract import CAM_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, OUTPUT_NAMES, SCORE_OUTPUT
 from training.model import CamClassifier, fake_probability, select_cam
 
 log = logging.getLogger(__name__)

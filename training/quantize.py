@@ -1,7 +1,7 @@
 """CPU INT8: static QDQ quantisation of the exported graph, with its accuracy and speed measured.
 
 Calibration images come from the checkpoint's validation split (or --calibration-data) and go
-through serving.images exactly as in training. The CAM head (everything after the backbone's
+through core.images exactly as in training. The CAM head (everything after the backbone's
 last feature map) stays in fp32 so the explanation keeps as much of its accuracy as the features
 allow; the measured differences are written to model.json.
 """
@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from cyborg.errors import UserError
-from serving import contract as c
+from core import contract as c
+from core.errors import UserError
+from core.images import image_files, load_images, load_labelled_images, spread
+from training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +74,12 @@ def quantize(onnx_path: Path, output_path: Path, calibration: np.ndarray) -> Non
         )
 
 
-def calibration_images(request, state: dict[str, Any], size: int) -> np.ndarray:
-    from training.export import image_files, load_images, spread, validation_images
-
+def calibration_images(request, state: Checkpoint, size: int) -> np.ndarray:
     if request.calibration_data is not None:
         paths = image_files(Path(request.calibration_data))
         where = f"--calibration-data {request.calibration_data}"
     else:
-        paths, _ = validation_images(state)
+        paths, _ = state.val_predictions.existing_images()
         where = "the checkpoint's val_predictions paths"
     images = load_images(spread(paths, request.calibration_images), size, size)
     if len(images) == 0:
@@ -155,14 +155,12 @@ def benchmark(fp32_path: Path, int8_path: Path, images: np.ndarray, batch: int =
             "int8_images_per_s": best["int8"], "speedup": best["int8"] / best["fp32"]}
 
 
-def quantize_checkpoint_model(request, state: dict[str, Any], folder: Path, size: int, with_bench: bool = False) -> dict[str, Any]:
+def quantize_checkpoint_model(request, state: Checkpoint, folder: Path, size: int, with_bench: bool = False) -> dict[str, Any]:
     """Write folder/model.int8.onnx next to model.onnx; return the figures for model.json."""
-    from training.export import load_labelled_images, validation_images
-
     images = calibration_images(request, state, size)
     fp32_path, int8_path = folder / c.ONNX_FILE, folder / c.INT8_ONNX_FILE
     quantize(fp32_path, int8_path, images)
-    eval_images, eval_labels = load_labelled_images(*validation_images(state, EVALUATION_IMAGES), size, size)
+    eval_images, eval_labels = load_labelled_images(*state.val_predictions.existing_images(EVALUATION_IMAGES), size, size)
     if len(eval_images) == 0:
         eval_images, eval_labels = images, np.full(len(images), -1)
     result = {"file": c.INT8_ONNX_FILE, "calibration_images": int(len(images)), "quantisation": "static QDQ, per-channel "

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cyborg.errors import UserError
+from core.errors import UserError
+from core.images import HIGH_BIT_DEPTH_MODES, full_scale
 
 PROVENANCE_FILE = "PROVENANCE.json"
 CONSTANT_RANGE = 1e-6  # a map whose max - min (in [0, 1] units) is below this is constant
@@ -41,10 +42,9 @@ def load_map(source: str | os.PathLike[str] | Image.Image) -> np.ndarray:
                 image = opened.copy()
         except (OSError, SyntaxError, ValueError) as error:
             raise MapError(f"{source}: unreadable saliency map ({error})") from error
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in HIGH_BIT_DEPTH_MODES:
         array = np.asarray(image, dtype=np.float32)
-        high = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        return np.clip(array / high, 0.0, 1.0)
+        return np.clip(array / full_scale(image, array), 0.0, 1.0)
     if image.mode in ("RGBA", "LA", "P", "PA"):
         image = image.convert("RGBA").convert("RGB")
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0

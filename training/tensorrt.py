@@ -1,8 +1,8 @@
 """TensorRT: build `model.plan` (FP16, dynamic batch) from the exported ONNX and check it against ONNX Runtime.
 
-Written against TensorRT 10's Python API (trt.Builder, OnnxParser, optimisation profiles,
-set_input_shape / set_tensor_address / execute_async_v3), with CUDA memory from torch. TensorRT
-is imported only inside these functions: nothing else in cyborg needs it.
+Written against TensorRT 10's Python API (trt.Builder, OnnxParser, optimisation profiles). The
+built engine is run by the server's own runner (`engines.runtime.TensorRTBackend`, cuda-python),
+so export checks exactly what will be served. TensorRT is imported only inside these functions.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from cyborg.errors import UserError
-from serving.contract import CAM_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, OUTPUT_NAMES, SCORE_OUTPUT, Batching
+from core.contract import CAM_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, SCORE_OUTPUT, Batching, ModelContract
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ def require_tensorrt():
             f"--tensorrt: TensorRT's Python package does not import here ({error}); install it "
             "(pip install tensorrt) on a machine with an NVIDIA GPU, or export without --tensorrt"
         ) from error
+    from engines.runtime import tensorrt_available
+
+    if not tensorrt_available():
+        raise UserError("--tensorrt: the cuda-python package does not import here (pip install cuda-python); "
+                        "export checks the engine with the server's runner, which needs it")
     import torch
 
     if not torch.cuda.is_available():
@@ -63,47 +68,35 @@ def build_engine(onnx_path: Path, plan_path: Path, max_batch: int = Batching().m
     plan_path.write_bytes(bytes(serialized))
 
 
-def run_engine(plan_path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Run a serialized engine on uint8 images [B, 3, H, W]; outputs by name, as numpy."""
-    trt = require_tensorrt()
-    import torch
+def run_engine(plan_path: Path, images: np.ndarray, contract: ModelContract | None = None) -> dict[str, np.ndarray]:
+    """Run a plan as the server runs it (`engines.runtime.TensorRTBackend`) on uint8 images [B, 3, H, W];
+    float32 outputs by name. The contract defaults to the model.json next to the plan."""
+    from core.contract import read_contract
+    from engines.runtime import TensorRTBackend
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan_path.read_bytes())
-    if engine is None:
-        raise UserError(f"{plan_path}: TensorRT cannot deserialize this engine (built by another TensorRT or GPU?)")
-    context = engine.create_execution_context()
-    device_input = torch.from_numpy(np.ascontiguousarray(images)).cuda()
-    context.set_input_shape(INPUT_NAME, tuple(device_input.shape))
-    context.set_tensor_address(INPUT_NAME, device_input.data_ptr())
-    outputs = {}
-    for name in OUTPUT_NAMES:
-        dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
-        outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-        context.set_tensor_address(name, outputs[name].data_ptr())
-    stream = torch.cuda.Stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise UserError(f"{plan_path}: TensorRT execution failed")
-    stream.synchronize()
-    return {name: tensor.float().cpu().numpy() for name, tensor in outputs.items()}
+    require_tensorrt()
+    contract = contract or read_contract(plan_path.parent, verify=False)
+    return {name: value.astype(np.float32) for name, value in TensorRTBackend(plan_path, contract).run(images).items()}
 
 
-def check_engine(onnx_path: Path, plan_path: Path, images: np.ndarray) -> dict[str, float]:
-    """Compare the engine with ONNX Runtime (CPU) on `images`; raise UserError beyond FP16_TOLERANCES."""
+def check_engine(onnx_path: Path, plan_path: Path, images: np.ndarray, contract: ModelContract) -> dict[str, float]:
+    """Compare the engine, run as the server runs it, with ONNX Runtime (CPU) on `images`;
+    raise UserError beyond FP16_TOLERANCES."""
     from training.onnx_export import compare, ort_session, run_onnx
 
-    diffs = compare(run_onnx(ort_session(onnx_path), images), run_engine(plan_path, images))
+    diffs = compare(run_onnx(ort_session(onnx_path), images), run_engine(plan_path, images, contract))
     bad = [f"{name} differs by {diffs[name]:.2e} (limit {limit:.0e})" for name, limit in FP16_TOLERANCES.items() if diffs[name] > limit]
     if bad:
         raise UserError(f"--tensorrt: {plan_path.name} does not match ONNX Runtime: " + "; ".join(bad))
     return diffs
 
 
-def build_and_check(onnx_path: Path, plan_path: Path, images: np.ndarray, max_batch: int = Batching().max_batch_size) -> dict[str, Any]:
-    """Build model.plan and check it; the figures for model.json."""
+def build_and_check(onnx_path: Path, plan_path: Path, images: np.ndarray, contract: ModelContract) -> dict[str, Any]:
+    """Build model.plan for `contract`'s batch size and check it; the figures for model.json."""
+    max_batch = contract.batching.max_batch_size
     build_engine(onnx_path, plan_path, max_batch=max_batch)
     trt = require_tensorrt()
-    diffs = check_engine(onnx_path, plan_path, images)
+    diffs = check_engine(onnx_path, plan_path, images, contract)
     import torch
 
     return {

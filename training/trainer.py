@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
-from cyborg.errors import UserError
+from core.errors import UserError
 from training import distributed
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import Checkpoint, ValPredictions, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.distributed import DistInfo, unwrap
-from training.guidance import get_method
+from training.guidance import GuidanceMethod, StepResult, get_method
 from training.model import CamClassifier, cam_grid, create_classifier, default_image_size
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,25 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_las
     return moved
 
 
+def forward_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], method: GuidanceMethod, config: TrainConfig,
+                 device: torch.device) -> StepResult:
+    """The forward half of a training step: the guidance method's loss, under autocast where enabled."""
+    with autocast(device, config.amp):
+        return method(model, batch, config)
+
+
+def backward_step(result: StepResult, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """The backward half: gradients of `result.loss` (scaled for fp16) and one optimiser step.
+
+    Every training loop (the trainer's, the guidance and step-time benchmarks') runs forward_step,
+    its own check of the loss, then backward_step.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(result.loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -234,16 +253,12 @@ def train_one_epoch(
     start = time.perf_counter()
     for step, batch in enumerate(bar):
         batch = to_device(batch, info.device, config.channels_last)
-        with autocast(info.device, config.amp):
-            result = method(model, batch, config)
+        result = forward_step(model, batch, method, config, info.device)
         if not distributed.all_finite(result.loss, info):
             raise TrainingDiverged(
                 f"epoch {epoch + 1}, step {step + 1}: the loss became NaN or infinite ({result.loss.item()} on rank {info.rank})"
             )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(result.loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        backward_step(result, optimizer, scaler)
         n = batch["label"].numel()
         sums["loss"] += result.loss.detach().item() * n
         sums["ce"] += result.ce.detach().item() * n
@@ -316,8 +331,8 @@ class MetricsLog:
             self.writer.close()
 
 
-def check_resumable(config: TrainConfig, state: dict[str, Any], path: Path) -> None:
-    saved = TrainConfig.from_dict(state["config"])
+def check_resumable(config: TrainConfig, state: Checkpoint, path: Path) -> None:
+    saved = state.config
     changed = [
         f"{field.name} {getattr(saved, field.name)!r} -> {getattr(config, field.name)!r}"
         for field in dataclasses.fields(TrainConfig)
@@ -325,8 +340,8 @@ def check_resumable(config: TrainConfig, state: dict[str, Any], path: Path) -> N
     ]
     if changed:
         raise UserError(f"--resume: {path} was trained with other settings ({'; '.join(changed)}); use the same settings or a new --out")
-    if state["epoch"] >= config.epochs:
-        raise UserError(f"--resume: {path} already completed {state['epoch']} of {config.epochs} epochs (raise --epochs to train longer)")
+    if state.epoch >= config.epochs:
+        raise UserError(f"--resume: {path} already completed {state.epoch} of {config.epochs} epochs (raise --epochs to train longer)")
 
 
 def fit(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -341,124 +356,160 @@ def fit(config: TrainConfig, resume: bool = False, progress: bool = True) -> dic
         distributed.cleanup(info)
 
 
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds between epochs."""
+
+    config: TrainConfig
+    info: DistInfo
+    model: CamClassifier  # unwrapped
+    data: DataBundle
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    image_size: int
+    grid: tuple[int, int]
+    start: int = 0
+    best: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epoch": None, "val_auc": None})
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
 def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> dict[str, Any]:
     run_dir = Path(config.out)
     last_path, best_path = run_dir / LAST, run_dir / BEST
-    state = None
-    if resume:
-        state = load_checkpoint(last_path)
-        check_resumable(config, state, last_path)
-    elif last_path.exists():
-        raise UserError(f"--out {run_dir}: already holds {LAST}; pass --resume to continue that run, or choose a new --out")
-
-    seed_everything(config.seed)
-    model = build_model(config, pretrained=state is None)
-    image_size = config.image_size or default_image_size(config.arch)
-    grid = cam_grid(model, image_size)
-    data = load_data(config, image_size, grid)
-    cuda = info.device.type == "cuda"
-    model.to(info.device)
-    if config.channels_last:  # about 2x faster on CPU too (FACTS.md, measured)
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and config.amp)
-
-    start, best, history = 0, {"epoch": None, "val_auc": None}, []
-    if state is not None:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start, best, history = state["epoch"], dict(state["best"]), list(state["history"])
-        set_rng_state(state["rng"])
-        log.info("resuming %s at epoch %d of %d", last_path, start + 1, config.epochs)
-
-    ddp_model = distributed.wrap_model(model, info)
-    loader = train_loader(data.train, config, info)
-    metrics_log = MetricsLog(run_dir, history) if info.is_main else None
+    run = setup_run(config, info, resumed_from(config, resume, last_path))
+    ddp_model = distributed.wrap_model(run.model, info)
+    loader = train_loader(run.data.train, config, info)
+    metrics_log = MetricsLog(run_dir, run.history) if info.is_main else None
     if info.is_main:
         log.info(
             "training %s (%s guidance, alpha %s, %s maps) on %d images, validating on %d; %s px, CAM %dx%d, device %s x%d",
-            config.arch, config.guidance, config.alpha, data.saliency, len(data.train), len(data.val),
-            image_size, grid[0], grid[1], info.device, info.world_size,
+            config.arch, config.guidance, config.alpha, run.data.saliency, len(run.data.train), len(run.data.val),
+            run.image_size, run.grid[0], run.grid[1], info.device, info.world_size,
         )  # fmt: skip
-    base_state = {
-        "config": config.to_dict(),
-        "mean": (unwrap(model).pixel_mean.flatten() / 255.0).tolist(),
-        "std": (unwrap(model).pixel_std.flatten() / 255.0).tolist(),
-        "image_size": image_size,
-        "cam_grid": list(grid),
-        "saliency": data.saliency,
-        "data": data.summary,
-    }
     try:
-        for epoch in range(start, config.epochs):
+        for epoch in range(run.start, config.epochs):
             start_epoch(loader, config.seed, epoch)
-            lr = optimizer.param_groups[0]["lr"]
+            lr = run.optimizer.param_groups[0]["lr"]
             try:
-                train_stats = train_one_epoch(ddp_model, loader, optimizer, scaler, config, info, epoch, progress)
+                train_stats = train_one_epoch(ddp_model, loader, run.optimizer, run.scaler, config, info, epoch, progress)
             except TrainingDiverged as error:
                 kept = f"{last_path} keeps epoch {epoch}, the last good weights" if epoch else "no checkpoint was written"
                 raise TrainingDiverged(f"{error}; training stopped, {kept} (try a lower --lr, or check the data and maps)") from None
-            scheduler.step()
-            distributed.sync_buffers(model, info)
-            val_metrics, predictions = validate(ddp_model, data.val, config, info)
-            auc = val_metrics["auc"]
-            improved = best["epoch"] is None or (auc is not None and (best["val_auc"] is None or auc > best["val_auc"]))
-            if improved:
-                best = {"epoch": epoch + 1, "val_auc": auc}
-            row = {
-                "epoch": epoch + 1,
-                "lr": lr,
-                **{f"train_{key}": value for key, value in train_stats.items()},
-                **{f"val_{key}": val_metrics[key] for key in ("auc", "eer", "accuracy")},
-                "best_epoch": best["epoch"],
-                "saliency": data.saliency,
-            }
-            history.append(row)
+            run.scheduler.step()
+            distributed.sync_buffers(run.model, info)
+            val_metrics, predictions = validate(ddp_model, run.data.val, config, info)
+            improved = record_epoch(run, epoch, lr, train_stats, val_metrics)
             if info.is_main:
-                checkpoint = {
-                    **base_state,
-                    "model": unwrap(model).state_dict(),
-                    "epoch": epoch + 1,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "best": dict(best),
-                    "val_metrics": val_metrics,
-                    "val_predictions": {
-                        "paths": [data.val_paths[i] for i in predictions["indices"]],
-                        "labels": predictions["labels"].tolist(),
-                        "scores": predictions["scores"].tolist(),
-                        "sources": [data.val_sources[i] for i in predictions["indices"]],
-                    },
-                    "history": list(history),
-                    "rng": rng_state(),
-                }
+                checkpoint = make_checkpoint(run, epoch, val_metrics, predictions)
                 save_checkpoint(checkpoint, last_path)
                 if improved:
                     save_checkpoint(checkpoint, best_path)
-                metrics_log.write(row)
-                log.info(
-                    "epoch %d/%d: loss %.4f (ce %.4f, guidance %.4f), train acc %.3f, %.1f img/s; val AUC %s, acc %.3f%s",
-                    epoch + 1, config.epochs, train_stats["loss"], train_stats["ce"], train_stats["guidance"],
-                    train_stats["accuracy"], train_stats["images_per_s"], _fmt(auc), val_metrics["accuracy"],
-                    " (best)" if improved else "",
-                )  # fmt: skip
+                metrics_log.write(run.history[-1])
+                log_epoch(config, epoch, train_stats, val_metrics, improved)
             distributed.barrier(info)
     finally:
         if metrics_log is not None:
             metrics_log.close()
     return {
-        "best_epoch": best["epoch"],
-        "best_val_auc": best["val_auc"],
+        "best_epoch": run.best["epoch"],
+        "best_val_auc": run.best["val_auc"],
         "epochs": config.epochs,
-        "saliency": data.saliency,
+        "saliency": run.data.saliency,
         "files": [str(last_path), str(best_path), str(run_dir / METRICS)],
-        "history": history,
-        "model": unwrap(model),  # the trained model (last epoch), for callers in the same process
+        "history": run.history,
+        "model": run.model,  # the trained model (last epoch), for callers in the same process
     }
+
+
+def resumed_from(config: TrainConfig, resume: bool, last_path: Path) -> Checkpoint | None:
+    """The checkpoint --resume continues (checked against `config`), or None for a new run."""
+    if resume:
+        state = read_checkpoint(last_path)
+        check_resumable(config, state, last_path)
+        return state
+    if last_path.exists():
+        raise UserError(f"--out {last_path.parent}: already holds {LAST}; pass --resume to continue that run, or choose a new --out")
+    return None
+
+
+def setup_run(config: TrainConfig, info: DistInfo, state: Checkpoint | None) -> Run:
+    """Model, data and optimisation state for a new run, or restored from `state`."""
+    seed_everything(config.seed)
+    model = build_model(config, pretrained=state is None)
+    image_size = config.image_size or default_image_size(config.arch)
+    grid = cam_grid(model, image_size)
+    data = load_data(config, image_size, grid)
+    model.to(info.device)
+    if config.channels_last:  # about 2x faster on CPU too (docs/benchmarks.md, training step time)
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, model)
+    run = Run(config=config, info=info, model=model, data=data, optimizer=optimizer, scheduler=build_scheduler(config, optimizer),
+              scaler=torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and config.amp), image_size=image_size, grid=grid)  # fmt: skip
+    if state is not None:
+        model.load_state_dict(state.model)
+        run.optimizer.load_state_dict(state.optimizer)
+        run.scheduler.load_state_dict(state.scheduler)
+        run.scaler.load_state_dict(state.scaler)
+        run.start, run.best, run.history = state.epoch, dict(state.best), list(state.history)
+        set_rng_state(state.rng)
+        log.info("resuming %s at epoch %d of %d", Path(config.out) / LAST, run.start + 1, config.epochs)
+    return run
+
+
+def record_epoch(run: Run, epoch: int, lr: float, train_stats: dict[str, float], val_metrics: dict[str, Any]) -> bool:
+    """Update the best epoch (by validation AUC) and the history; whether this epoch is the best so far."""
+    auc = val_metrics["auc"]
+    improved = run.best["epoch"] is None or (auc is not None and (run.best["val_auc"] is None or auc > run.best["val_auc"]))
+    if improved:
+        run.best = {"epoch": epoch + 1, "val_auc": auc}
+    run.history.append({
+        "epoch": epoch + 1,
+        "lr": lr,
+        **{f"train_{key}": value for key, value in train_stats.items()},
+        **{f"val_{key}": val_metrics[key] for key in ("auc", "eer", "accuracy")},
+        "best_epoch": run.best["epoch"],
+        "saliency": run.data.saliency,
+    })  # fmt: skip
+    return improved
+
+
+def make_checkpoint(run: Run, epoch: int, val_metrics: dict[str, Any], predictions: dict[str, np.ndarray]) -> Checkpoint:
+    """The checkpoint after `epoch`: the unwrapped model, the optimisation state and the validation results."""
+    data, order = run.data, predictions["indices"]
+    return Checkpoint(
+        config=run.config,
+        model=run.model.state_dict(),
+        mean=tuple((run.model.pixel_mean.flatten() / 255.0).tolist()),
+        std=tuple((run.model.pixel_std.flatten() / 255.0).tolist()),
+        image_size=run.image_size,
+        cam_grid=tuple(run.grid),
+        saliency=data.saliency,
+        data=data.summary,
+        epoch=epoch + 1,
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict(),
+        scaler=run.scaler.state_dict(),
+        best=dict(run.best),
+        val_metrics=val_metrics,
+        val_predictions=ValPredictions(
+            paths=[data.val_paths[i] for i in order],
+            labels=predictions["labels"].tolist(),
+            scores=predictions["scores"].tolist(),
+            sources=[data.val_sources[i] for i in order],
+        ),
+        history=list(run.history),
+        rng=rng_state(),
+    )
+
+
+def log_epoch(config: TrainConfig, epoch: int, train_stats: dict[str, float], val_metrics: dict[str, Any], improved: bool) -> None:
+    log.info(
+        "epoch %d/%d: loss %.4f (ce %.4f, guidance %.4f), train acc %.3f, %.1f img/s; val AUC %s, acc %.3f%s",
+        epoch + 1, config.epochs, train_stats["loss"], train_stats["ce"], train_stats["guidance"],
+        train_stats["accuracy"], train_stats["images_per_s"], _fmt(val_metrics["auc"]), val_metrics["accuracy"],
+        " (best)" if improved else "",
+    )  # fmt: skip
 
 
 def _fmt(value: float | None) -> str:

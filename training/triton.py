@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from serving.contract import CAM_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, SCORE_OUTPUT, ModelContract
-
-PLATFORM = "onnxruntime_onnx"
+from core.contract import CAM_OUTPUT, INPUT_NAME, LOGITS_OUTPUT, SCORE_OUTPUT, TRITON_PLATFORM, ModelContract
 
 
-def triton_config(contract: ModelContract, platform: str = PLATFORM) -> str:
+def triton_config(contract: ModelContract, platform: str = TRITON_PLATFORM) -> str:
     """The config.pbtxt text that makes Triton serve `contract`'s model.onnx with the same tensors.
 
     Triton adds the batch dimension itself (max_batch_size > 0), so dims leave it out; `score` is

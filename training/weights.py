@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cyborg.errors import UserError
+from core.errors import UserError
 from training.model import CamClassifier
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     "model" / EMA keys, DDP prefixes removed), safetensors, or a cyborg checkpoint's model."""
     from timm.models import load_state_dict
 
-    from training.checkpoint import load_checkpoint
+    from training.checkpoint import read_checkpoint
 
     if not path.is_file():
         raise UserError(f"--weights {path}: no such file (use 'none', 'imagenet' or a path to a state_dict)")
@@ -101,10 +101,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = load_state_dict(str(path))
     except Exception as error:  # weights_only refused it (a cyborg checkpoint holds more than tensors) or not torch
         try:
-            checkpoint = load_checkpoint(path)
+            checkpoint = read_checkpoint(path)
         except UserError:
             raise UserError(f"--weights {path}: not a state_dict, safetensors file or cyborg checkpoint ({error})") from error
-        state = checkpoint["model"]
+        state = checkpoint.model
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"--weights {path}: holds no state_dict of tensors")
     return cyborg_to_backbone(state)

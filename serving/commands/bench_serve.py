@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from cyborg.errors import UserError
+    from core.errors import UserError
     from serving.bench import format_report, run_benchmark
 
     if args.duration <= 0:

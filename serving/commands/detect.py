@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cyborg.errors import UserError
+    from core.errors import UserError
     from serving.client import DetectorClient
 
     if args.version < 0:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 def send(client, args: argparse.Namespace, printer, outputs: HeatmapNames | None, heatmap: str) -> int:
     """Score every image in chunks, reporting each as it completes; returns the failure count."""
-    from cyborg.errors import UserError
+    from core.errors import UserError
     from serving.client import ClientError, DetectionError
 
     failures = 0
@@ -116,7 +116,7 @@ def one_by_one(client, data: bytes, options: dict):
 
 
 def read_token(path: Path) -> str:
-    from cyborg.errors import UserError
+    from core.errors import UserError
 
     token = path.read_text().strip()
     if not token:

@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe(root) -> list[dict]:
     """One row per version folder: its contract's key facts, and 'ok' or the problem found."""
-    from serving.contract import ContractError, read_contract
+    from core.contract import read_contract
+    from core.errors import ContractError
     from serving.repository import check_folder, scan
 
     rows = []
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from cyborg.errors import UserError
+    from core.errors import UserError
 
     if not Path(args.model_repository).is_dir():
         raise UserError(f"--model-repository {args.model_repository}: not a folder")

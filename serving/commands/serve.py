@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from cyborg.errors import UserError
+    from core.errors import UserError
     from serving.server import ServerConfig
 
     for flag in ("max_batch_size", "max_queue_size", "instances", "max_message_mb", "max_image_pixels"):

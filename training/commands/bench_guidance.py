@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_list(text: str, flag: str, kind=str) -> list:
-    from cyborg.errors import UserError
+    from core.errors import UserError
 
     try:
         items = [kind(item.strip()) for item in text.split(",") if item.strip()]
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from cyborg.errors import UserError
+    from core.errors import UserError
     from training import decoy
     from training.config import TrainConfig
     from training.model import cam_grid, create_classifier

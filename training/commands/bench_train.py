@@ -114,7 +114,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cyborg.errors import UserError
+    from core.errors import UserError
     from training.distributed import resolve_device
 
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:

@@ -46,7 +46,8 @@ def inspect_images(samples, report: Report) -> dict[Any, tuple[tuple[int, int], 
 
     from tqdm import tqdm
 
-    from serving.images import ImageError, decode_image
+    from core.errors import ImageError
+    from core.images import decode_image
 
     seen = {}
     for sample in tqdm(samples, desc="images", unit="img", disable=None, leave=False):
@@ -128,7 +129,7 @@ def inspect_overlaps(samples, images, maps_used: bool, report: Report) -> None:
 
 
 def inspect_balance(samples, report: Report) -> None:
-    from serving.contract import CLASS_NAMES
+    from core.contract import CLASS_NAMES
 
     for label, name in enumerate(CLASS_NAMES):
         if not any(s.label == label for s in samples):

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cyborg.errors import UserError
+    from core.errors import UserError
     from training.evaluate import evaluate_checkpoint
 
     if args.batch_size < 1:

@@ -28,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from cyborg import __version__
-    from cyborg.errors import UserError
-    from serving.contract import utc_now
+    from core.errors import UserError
+    from core.contract import utc_now
     from training.data import MapIndex, discover, name_list
     from training.saliency import FFHQ_FACE_PARTS, PROVENANCE_FILE, face_part_template, proxy_map_name, read_provenance, to_png_image, write_provenance
 

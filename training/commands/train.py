@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """TrainConfig from defaults < the resumed run's settings < --config file < flags given."""
-    from cyborg.errors import UserError
+    from core.errors import UserError
     from training.config import TrainConfig, load_config_file
 
     values: dict[str, Any] = {}
@@ -71,10 +71,10 @@ def build_config(args: argparse.Namespace):
 def resumed_settings(out: str) -> dict[str, Any]:
     from pathlib import Path
 
-    from training.checkpoint import load_checkpoint
+    from training.checkpoint import read_checkpoint
     from training.trainer import LAST
 
-    return dict(load_checkpoint(Path(out) / LAST)["config"])
+    return read_checkpoint(Path(out) / LAST).config.to_dict()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
 """The model contract: what a deployable model takes and returns (`model.json`).
 
 This module is the one home of the facts that training, export and serving must agree on: tensor
-names, class order, file names, the preprocessing recipe and the metadata schema. It uses the
-standard library only, so the serving side can read it without torch, and export writes it.
+names, output shapes, class order, file names, the preprocessing recipe and the metadata schema.
+It uses the standard library only, so the serving side reads it without torch, and export writes it.
+How images are decoded and resized lives in `core.images`; how a threshold is chosen, in
+`core.thresholds`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cyborg.errors import UserError
+from core.errors import ContractError
 
 SCHEMA_VERSION = 1
 CONTRACT_FILE = "model.json"
@@ -24,6 +26,7 @@ ONNX_FILE = "model.onnx"
 INT8_ONNX_FILE = "model.int8.onnx"
 TENSORRT_FILE = "model.plan"
 TRITON_CONFIG_FILE = "config.pbtxt"
+TRITON_PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX models (config.pbtxt, model metadata)
 
 # Graph input: uint8 RGB images, NCHW, dynamic batch, the model's fixed height and width.
 # Normalisation (mean/std) happens inside the graph.
@@ -39,6 +42,8 @@ OUTPUT_NAMES = (SCORE_OUTPUT, LOGITS_OUTPUT, CAM_OUTPUT)
 # Class order of the logits. Index 1 is the "fake" (synthetic) class; score = softmax[:, 1].
 CLASS_NAMES = ("real", "fake")
 FAKE_INDEX = 1
+REAL_INDEX = 1 - FAKE_INDEX
+NUM_CLASSES = len(CLASS_NAMES)
 
 # How images are brought to the input size, in training and in serving alike.
 RESIZE_METHOD = "bilinear"  # PIL.Image.Resampling.BILINEAR (antialiased), straight to H x W, no crop
@@ -91,9 +96,13 @@ class ModelContract:
     def cam_shape(self) -> tuple[int, int]:
         return (self.cam_height, self.cam_width)
 
+    def output_shapes(self, batch: int = -1) -> dict[str, tuple[int, ...]]:
+        """Each output's shape for `batch` images (-1: a dynamic batch dimension)."""
+        return output_shapes(batch, self.cam_shape)
+
     def label(self, score: float) -> str:
         """The class name for a fake score under this model's threshold."""
-        return CLASS_NAMES[FAKE_INDEX] if score >= self.threshold else CLASS_NAMES[1 - FAKE_INDEX]
+        return CLASS_NAMES[FAKE_INDEX] if called_fake(score, self.threshold) else CLASS_NAMES[REAL_INDEX]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,8 +155,17 @@ class ModelContract:
             raise ContractError(f"invalid {CONTRACT_FILE} for {self.name!r} v{self.version}: " + "; ".join(problems))
 
 
-class ContractError(UserError):
-    """A model folder that does not hold a valid model.json or whose files do not match it."""
+def called_fake(scores, threshold: float):
+    """The decision rule model.json's threshold stands for: a score at or above it is called fake.
+
+    Works on one score or on a numpy array of them (then an array of bools).
+    """
+    return scores >= threshold
+
+
+def output_shapes(batch: int, cam_shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """The graph's output shapes for `batch` images: score [B], logits [B, classes], cam [B, h, w]."""
+    return {SCORE_OUTPUT: (batch,), LOGITS_OUTPUT: (batch, NUM_CLASSES), CAM_OUTPUT: (batch, *cam_shape)}
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

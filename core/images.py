@@ -1,34 +1,35 @@
 """Image decoding and resizing: the one definition used by training and serving alike.
 
 Every image, whatever its file format or mode, becomes an RGB uint8 array of the model's exact
-input size through `decode_image` then `to_model_input`; training's data loader calls the same two
-functions, so the server sees pixels prepared exactly as the model saw them in training.
+input size through `decode_image` then `to_model_input`; training's data loader, export's parity
+check and calibration, and the server call the same two functions, so the server sees pixels
+prepared exactly as the model saw them in training. Which file names count as images
+(`IMAGE_EXTENSIONS`) and how a list of files becomes a batch (`load_images`) live here too.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cyborg.errors import UserError
-from serving.contract import RESIZE_METHOD
+from core.contract import RESIZE_METHOD
+from core.errors import ImageError, ImageTooLarge, UserError
 
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")  # data sets, maps, calibration
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # PIL modes with more than 8 bits a channel
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000
 MIN_SIDE = 8
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR}[RESIZE_METHOD]
-
-
-class ImageError(UserError):
-    """An image that cannot be used: empty, corrupt, truncated, too large, too small or animated."""
-
-
-class ImageTooLarge(ImageError):
-    """An image over the byte or pixel limit."""
 
 
 def decode_image(
@@ -82,9 +83,9 @@ def read_image(path: str | os.PathLike[str], **limits) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (alpha composited on white, 16-bit scaled down)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in HIGH_BIT_DEPTH_MODES:
         array = np.asarray(image, dtype=np.float64)
-        high = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        high = full_scale(image, array)
         image = Image.fromarray(np.clip(array * (255.0 / high), 0, 255).round().astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
@@ -100,3 +101,48 @@ def to_model_input(image: Image.Image, height: int, width: int) -> np.ndarray:
     if image.size != (width, height):
         image = image.resize((width, height), RESAMPLING)
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def full_scale(image: Image.Image, array: np.ndarray) -> float:
+    """The value that means "white" in a high-bit-depth image: 65535 for 16-bit modes, and for 32-bit
+    integer or float images whose values exceed 255; 255 otherwise."""
+    return 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_files(source: Path, flag: str = "--calibration-data") -> list[str]:
+    """Image paths from a folder (recursively, sorted) or a text file with one path per line."""
+    if source.is_dir():
+        return sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if source.is_file():
+        lines = [line.strip() for line in source.read_text().splitlines()]
+        return [line for line in lines if line and not line.startswith("#")]
+    raise UserError(f"{flag} {source}: no such folder or list file")
+
+
+def spread(items: Sequence, limit: int) -> list:
+    """Up to `limit` items taken evenly across the list (lists of images are often sorted by class)."""
+    if len(items) <= limit:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+def load_images(paths: Sequence[str], height: int, width: int) -> np.ndarray:
+    """uint8 [N, 3, H, W] of the readable images among `paths`, prepared as in training and serving."""
+    return load_labelled_images(paths, [-1] * len(paths), height, width)[0]
+
+
+def load_labelled_images(paths: Sequence[str], labels: Sequence[int], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) for the readable images among `paths`; unreadable ones are skipped with a warning."""
+    arrays, kept = [], []
+    for path, label in zip(paths, labels):
+        try:
+            arrays.append(to_model_input(read_image(path), height, width))
+            kept.append(label)
+        except ImageError as error:
+            log.warning("skipping %s", error)
+    images = np.stack(arrays) if arrays else np.zeros((0, 3, height, width), dtype=np.uint8)
+    return images, np.asarray(kept, dtype=np.int64)

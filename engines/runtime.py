@@ -1,4 +1,4 @@
-"""Engine backends: ONNX Runtime (TensorRT -> CUDA -> CPU providers) and native TensorRT plans.
+"""Engine backends, shared by the server and by export: ONNX Runtime (TensorRT -> CUDA -> CPU providers) and native TensorRT plans.
 
 A backend runs uint8 [B,3,H,W] through a model and returns {"score", "logits", "cam"} as numpy
 arrays. `load_backend` picks one for a model version folder: `auto` uses a TensorRT plan
@@ -15,7 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.contract import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, TENSORRT_FILE, ContractError, ModelContract
+from core.contract import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, TENSORRT_FILE, ModelContract
+from core.errors import ContractError
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,7 @@ class TensorRTBackend:
         if sorted(names) != sorted((INPUT_NAME, *OUTPUT_NAMES)):
             raise ContractError(f"{path}: engine tensors {names}; expected {INPUT_NAME} and {list(OUTPUT_NAMES)}")
         self.max_batch = engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0]
-        self.shapes = {
-            INPUT_NAME: (self.max_batch, *contract.input_shape),
-            OUTPUT_NAMES[0]: (self.max_batch,),
-            OUTPUT_NAMES[1]: (self.max_batch, 2),
-            OUTPUT_NAMES[2]: (self.max_batch, *contract.cam_shape),
-        }
+        self.shapes = {INPUT_NAME: (self.max_batch, *contract.input_shape), **contract.output_shapes(self.max_batch)}
         self.dtypes = {name: np.dtype(trt.nptype(engine.get_tensor_dtype(name))) for name in names}
         self.buffers = {}
         for name, shape in self.shapes.items():
