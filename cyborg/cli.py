@@ -26,9 +26,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("models", "list"): ("serving.commands.models_list", "list the models in a model repository"),
     ("serve",): ("serving.commands.serve", "run the gRPC inference server"),
     ("detect",): ("serving.commands.detect", "send images to a server and print scores"),
-    ("bench", "train"): ("training.commands.bench_train", "training step time: CYBORG against CE"),
-    ("bench", "guidance"): ("training.commands.bench_guidance", "compare saliency-guidance methods on a decoy set"),
-    ("bench", "serve"): ("serving.commands.bench_serve", "server throughput and latency against in-process ONNX Runtime"),
+    ("bench", "train"): ("benchmarks.commands.bench_train", "training step time: CYBORG against CE"),
+    ("bench", "guidance"): ("benchmarks.commands.bench_guidance", "compare saliency-guidance methods on a decoy set"),
+    ("bench", "serve"): ("benchmarks.commands.bench_serve", "server throughput and latency against in-process ONNX Runtime"),
 }
 
 GROUP_HELP = {

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cyborg.cli import main
-from serving.bench import format_report
+from benchmarks.serve import format_report
 from tests.serving_fixtures import build_model_repository
 
 LATENCY_KEYS = {"requests", "errors", "seconds", "throughput", "p50_ms", "p90_ms", "p99_ms", "mean_ms"}
@@ -57,7 +57,7 @@ def test_bench_serve_rejects_bad_options(tmp_path, capsys):
 
 
 def test_ideal_batcher_tail_depends_on_what_batching_saves():
-    from serving.bench import ideal_batcher
+    from benchmarks.serve import ideal_batcher
 
     cpu_like = ideal_batcher(25.0, {1: 45.0, 8: 46.0, 32: 48.0}, max_batch=32)  # linear cost: no saving
     gpu_like = ideal_batcher(1000.0, {1: 200.0, 8: 1500.0, 32: 2000.0}, max_batch=32)  # batch 8 costs 2.7x batch 1

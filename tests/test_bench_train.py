@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cyborg.cli import main
-from training.commands.bench_train import authors_step
+from benchmarks.commands.bench_train import authors_step
 from training.config import TrainConfig
 from training.guidance import get_method
 from training.model import create_classifier

@@ -27,7 +27,7 @@ def test_option_values_are_not_command_words():
 def test_serving_commands_never_import_torch(words):
     code = (
         "import sys; from cyborg.cli import build_parser; "
-        f"build_parser({list(words)!r}); import serving.server, serving.client, serving.bench; "
+        f"build_parser({list(words)!r}); import serving.server, serving.client, benchmarks.serve; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

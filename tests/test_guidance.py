@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import decoy
+from benchmarks import decoy
 from training.config import TrainConfig
 from training.guidance import get_method
 from training.guidance_methods import (

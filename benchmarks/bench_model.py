@@ -1,9 +1,10 @@
 """Write a realistic model repository entry for `cyborg bench serve` without a trained checkpoint.
 
-    .venv/bin/python scripts/bench_model.py models-bench --arch efficientnet_lite0
+    .venv/bin/python -m benchmarks.bench_model models-bench --arch efficientnet_lite0
 
-Random weights (throughput does not depend on them), exported through torch.onnx with a dynamic
-batch, outputs `score`, `logits`, `cam` as the model contract names them, and a model.json.
+Random weights (throughput does not depend on them), exported by the product's own exporter
+(`training.export.export_graph`: the contract's tensor names, a dynamic batch, the parity check
+against torch) and sealed with model.json and config.pbtxt like any exported version.
 Prefer `cyborg export` on a real checkpoint; this exists so the serving benchmark can run on a
 fresh clone. Needs torch (the benchmark itself does not).
 """
@@ -16,23 +17,12 @@ from pathlib import Path
 import torch
 
 from core import contract
-from training.model import create_classifier, default_image_size, fake_probability, select_cam
-
-
-class ContractGraph(torch.nn.Module):
-    """uint8 images -> (score, logits, CAM of the predicted class), the contract's outputs."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        out = self.model(images)
-        cam = select_cam(out.class_maps, out.logits.argmax(dim=1))
-        return fake_probability(out.logits), out.logits, cam
 
 
 def main() -> None:
+    from training.export import export_graph, jsonable, seal_version
+    from training.model import create_classifier, default_image_size
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("repository", type=Path)
     parser.add_argument("--arch", default="efficientnet_lite0")
@@ -43,23 +33,9 @@ def main() -> None:
     torch.manual_seed(0)
     size = default_image_size(args.arch)
     classifier = create_classifier(args.arch).eval()
-    graph = ContractGraph(classifier).eval()
-    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
-    with torch.no_grad():
-        cam_h, cam_w = classifier(example).class_maps.shape[-2:]
     folder = args.repository / (args.name or args.arch) / str(args.version)
     folder.mkdir(parents=True, exist_ok=True)
-    batch = torch.export.Dim("batch", min=1, max=256)
-    torch.onnx.export(
-        graph,
-        (example,),
-        str(folder / contract.ONNX_FILE),
-        input_names=[contract.INPUT_NAME],
-        output_names=list(contract.OUTPUT_NAMES),
-        dynamic_shapes={"images": {0: batch}},
-        dynamo=True,
-        external_data=False,
-    )
+    graph = export_graph(classifier, folder, size, validation_paths=[])
     mean, std = classifier.pixel_mean.flatten() / 255.0, classifier.pixel_std.flatten() / 255.0
     entry = contract.ModelContract(
         name=args.name or args.arch,
@@ -67,16 +43,17 @@ def main() -> None:
         architecture=args.arch,
         input_height=size,
         input_width=size,
-        cam_height=int(cam_h),
-        cam_width=int(cam_w),
+        cam_height=graph.cam_grid[0],
+        cam_width=graph.cam_grid[1],
         mean=tuple(round(float(v), 6) for v in mean),
         std=tuple(round(float(v), 6) for v in std),
         threshold=0.5,
+        metrics=jsonable({"export": graph.figures}),
         training={"saliency": "none", "note": "random weights, for benchmarks only"},
-        files={contract.ONNX_FILE: contract.sha256_file(folder / contract.ONNX_FILE)},
         created=contract.utc_now(),
     )
-    print(contract.write_contract(folder, entry))
+    seal_version(folder, entry)
+    print(folder / contract.CONTRACT_FILE)
 
 
 if __name__ == "__main__":

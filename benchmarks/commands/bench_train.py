@@ -56,7 +56,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device) -> dict:
     from training.config import TrainConfig
     from training.guidance import get_method
     from training.model import cam_grid, create_classifier, default_image_size
-    from training.trainer import autocast, build_optimizer, to_device
+    from training.trainer import backward_step, build_optimizer, forward_step, to_device
 
     torch.manual_seed(0)
     config = TrainConfig(arch=arch, weights="none", alpha=args.alpha, batch_size=args.batch_size)
@@ -83,12 +83,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with autocast(device, config.amp):
-            result = methods[way](model, batch, config)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(result.loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        backward_step(forward_step(model, batch, methods[way], config, device), optimizer, scaler)
         if cuda:
             torch.cuda.synchronize(device)
         return time.perf_counter() - start

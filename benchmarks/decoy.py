@@ -23,17 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.contract import FAKE_INDEX
-from core.images import read_image, to_model_input
+from core.contract import FAKE_INDEX, REAL_INDEX
+from core.errors import UserError
+from core.heatmaps import upsample
+from core.images import is_image_file, read_image, to_model_input
+from training.saliency import FFHQ_ANNOTATED_REGIONS
 
-REAL = 1 - FAKE_INDEX
-# Annotated regions of FFHQ-aligned faces as ellipses (centre x, centre y, radius x, radius y), in
-# fractions of the side, measured on the mean of 200 FFHQ faces.
-FACE_PARTS = {
-    "left_eye": (0.37, 0.47, 0.10, 0.06),
-    "right_eye": (0.63, 0.47, 0.10, 0.06),
-    "mouth": (0.50, 0.72, 0.13, 0.07),
-}
+REAL = REAL_INDEX
+FACE_PARTS = FFHQ_ANNOTATED_REGIONS  # the annotated regions, as ellipses
 TASKS = ("decoy", "clean")
 SPLITS = ("train", "val", "test")
 
@@ -112,17 +109,11 @@ def add_decoy(images: torch.Tensor, decoy_class: torch.Tensor, spec: DecoySpec) 
 
 def load_faces(folder: str | os.PathLike[str], size: int, limit: int | None = None) -> torch.Tensor:
     """uint8 [N, 3, size, size] from the image files of a folder (sorted by name), resized as in training."""
-    from core.images import is_image_file
-
     folder = Path(folder)
     if not folder.is_dir():
-        from core.errors import UserError
-
         raise UserError(f"{folder}: not a folder of face photos")
     paths = sorted(path for path in folder.iterdir() if is_image_file(path))[:limit]
     if len(paths) < 8:
-        from core.errors import UserError
-
         raise UserError(f"{folder}: {len(paths)} images found; the decoy benchmark needs at least 8")
     return torch.from_numpy(np.stack([to_model_input(read_image(path), size, size) for path in paths]))
 
@@ -171,16 +162,20 @@ class Trained:
 
 
 def train_method(split: DecoySplit, config, epochs: int, seed: int) -> Trained:
-    """Train `config.arch` from scratch with `config.guidance` on an in-memory split (SGD, config's recipe)."""
+    """Train `config.arch` from scratch with `config.guidance` on an in-memory split on the CPU, with
+    the trainer's own optimiser and training step (training.trainer), without its data loading."""
     import time
 
     from training.guidance import get_method
     from training.model import create_classifier
+    from training.trainer import backward_step, build_optimizer, forward_step
 
     torch.manual_seed(seed)
     model = create_classifier(config.arch)
     method = get_method(config.guidance)
-    optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimiser = build_optimizer(config, model)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # fp16 loss scaling is for CUDA only
+    cpu = torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
     times = []
     model.train()
@@ -189,12 +184,10 @@ def train_method(split: DecoySplit, config, epochs: int, seed: int) -> Trained:
         for start in range(0, len(order) - config.batch_size + 1, config.batch_size):  # full batches only
             batch = split.batch(order[start : start + config.batch_size])
             began = time.perf_counter()
-            result = method(model, batch, config)
+            result = forward_step(model, batch, method, config, cpu)
             if not torch.isfinite(result.loss):
                 return Trained(model=model.eval(), step_seconds=float(np.median(times)) if times else float("nan"), diverged=True)
-            optimiser.zero_grad(set_to_none=True)
-            result.loss.backward()
-            optimiser.step()
+            backward_step(result, optimiser, scaler)
             times.append(time.perf_counter() - began)
     return Trained(model=model.eval(), step_seconds=float(np.median(times)) if times else float("nan"))
 
@@ -257,11 +250,11 @@ def save_cam_overlays(models: dict[str, torch.nn.Module], test: DecoySplit, path
     figure, axes = plt.subplots(len(models), len(chosen), figsize=(1.3 * len(chosen), 1.4 * len(models)), squeeze=False)
     for row, (name, model) in enumerate(models.items()):
         scores, cams = outputs(model, subset)
-        cams = F.interpolate(cams.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
+        cams = upsample(cams.numpy(), size, size)
         for col in range(len(chosen)):
             axis = axes[row, col]
             axis.imshow(subset.image[col].permute(1, 2, 0).numpy())
-            axis.imshow(cams[col].numpy(), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+            axis.imshow(cams[col], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
             axis.contour(outline, levels=[0.5], colors="white", linewidths=0.5)
             truth = "fake" if subset.label[col] == FAKE_INDEX else "real"
             axis.set_title(f"{truth}: p(fake) {scores[col]:.2f}", fontsize=6)

@@ -2,7 +2,7 @@
 
 Starts `cyborg serve` as a subprocess on free loopback ports, sweeps closed-loop concurrency with
 raw-tensor and encoded-image requests, runs a Poisson open loop at half of the peak, and measures
-the baselines without a server in the same run. See serving/bench.py and docs/benchmarks.md.
+the baselines without a server in the same run. See benchmarks/serve.py and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from core.errors import UserError
-    from serving.bench import format_report, run_benchmark
+    from benchmarks.serve import format_report, run_benchmark
 
     if args.duration <= 0:
         raise UserError(f"--duration {args.duration}: must be positive")

@@ -1,6 +1,6 @@
 """`cyborg bench guidance`: do the guidance methods change the decision, or only the heatmap?
 
-Builds the decoy set of `training.decoy` from a folder of real face photos, trains every method
+Builds the decoy set of `benchmarks.decoy` from a folder of real face photos, trains every method
 with the same backbone, recipe and seeds on the decoy task and on the clean task, and prints for
 each: decoy test AUC, the share of test decisions that follow the decoy, the CAM's mass on the
 annotated regions, validation AUC on the decoy task and on the clean task, and step time relative
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from core.errors import UserError
-    from training import decoy
+    from benchmarks import decoy
     from training.config import TrainConfig
     from training.model import cam_grid, create_classifier
 
