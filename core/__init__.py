@@ -10,3 +10,5 @@ Standard library, numpy and Pillow only; it imports neither `training` nor `serv
 - `core.thresholds`  how a score becomes a decision: ROC, EER, operating-point rules
 - `core.errors`      the error types both halves raise (UserError and its kinds)
 """
+
+__version__ = "0.1.0"  # the project's version (pyproject.toml), reported by the CLI, the server and results files

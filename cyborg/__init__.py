@@ -1,3 +1,3 @@
-"""cyborg: tell real face photos from GAN-generated ones, and show why."""
+"""cyborg: tell real face photos from GAN-generated ones, and show why. This package is the `cyborg` command."""
 
-__version__ = "0.1.0"
+from core import __version__  # noqa: F401  (`cyborg --version`)

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cyborg import __version__
+from core import __version__
 from core.errors import UserError
 
 # (command words) -> (module implementing it, one-line help)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
-from cyborg import __version__
+from core import __version__
 from core import contract as c
 from serving.errors import InvalidArgument
 

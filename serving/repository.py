@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.batcher import Batcher
-from core.contract import CONTRACT_FILE, ONNX_FILE, OUTPUT_NAMES, TENSORRT_FILE, ModelContract, read_contract
+from core.contract import CONTRACT_FILE, ONNX_FILE, TENSORRT_FILE, ModelContract, read_contract
 from serving.errors import ModelNotFound, ModelNotReady
 from serving.metrics import Metrics
 from engines.runtime import Backend, load_backend
@@ -305,7 +305,6 @@ def warm(backend: Backend, contract: ModelContract, max_batch_size: int) -> None
 
     for batch in sorted({1, max_batch_size}):
         outputs = backend.run(np.zeros((batch, *contract.input_shape), np.uint8))
-        expected = {OUTPUT_NAMES[0]: (batch,), OUTPUT_NAMES[1]: (batch, 2), OUTPUT_NAMES[2]: (batch, *contract.cam_shape)}
-        for name, shape in expected.items():
+        for name, shape in contract.output_shapes(batch).items():
             if tuple(outputs[name].shape) != shape:
                 raise ContractError(f"{contract.name} v{contract.version}: output {name} has shape {list(outputs[name].shape)}, model.json implies {list(shape)}")

@@ -2,8 +2,8 @@
 
 `cyborg_local_tiny` keeps its features local: each cell of its final feature map sees only a
 10-pixel neighbourhood of its own 8x8 patch (stride 8), so evidence cannot travel across the
-image. FACTS.md explains why behavioural tests of CAM guidance need such a network: in deep
-backbones every final cell sees nearly the whole image. It follows timm's contract
+image. Behavioural tests of CAM guidance need such a network: in deep backbones every final cell
+sees nearly the whole image (docs/guidance.md). It follows timm's contract
 (`forward_features` -> unpooled map, `forward_head`, `get_classifier`, `reset_classifier`,
 `num_features`), so `create_classifier("cyborg_local_tiny")` works like any timm name.
 """
@@ -78,8 +78,8 @@ class WideTinyNet(LocalTinyNet):
     """cyborg_local_tiny plus three dilated 3x3 convs (dilation 1, 2, 4) on its stride-8 map.
 
     Each final cell then sees the whole image at 64 px (receptive field 122 px), as the last cells
-    of deep backbones do: a cue anywhere can be expressed at any cell, the case in which FACTS.md
-    measured that CAM guidance moves the heatmap but not the decision (`cyborg bench guidance`).
+    of deep backbones do: a cue anywhere can be expressed at any cell, the case in which CAM guidance
+    was measured to move the heatmap but not the decision (docs/guidance.md) (`cyborg bench guidance`).
     """
 
     def __init__(self, num_classes: int = 2, in_chans: int = 3, width: int = 32, global_pool: str = "avg", **_: object):

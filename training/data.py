@@ -223,11 +223,7 @@ class FaceDataset(torch.utils.data.Dataset):
             reasons = list(pool.map(sample_problem, samples))
         problems = [f"{sample.path} ({reason})" for sample, reason in zip(samples, reasons) if reason]
         kept = [sample for sample, reason in zip(samples, reasons) if not reason]
-        if problems:
-            summary = f"{len(problems)} unreadable image(s) or map(s): {name_list(problems)}"
-            if not skip_unreadable:
-                raise UserError(f"{summary}; fix or remove them, or pass --skip-unreadable")
-            log.warning("skipping %s", summary)
+        refuse_or_skip(problems, "unreadable image(s) or map(s):", skip_unreadable)
         if not kept:
             raise UserError("no usable images")
         self.samples = kept
@@ -252,6 +248,47 @@ class FaceDataset(torch.utils.data.Dataset):
             "has_saliency": torch.tensor(sample.map_path is not None),
             "index": torch.tensor(index, dtype=torch.long),
         }
+
+
+def refuse_or_skip(problems: Sequence[str], what: str, skip_unreadable: bool) -> None:
+    """UserError naming the unusable samples, or (with --skip-unreadable) a warning that they are skipped."""
+    if not problems:
+        return
+    summary = f"{len(problems)} {what} {name_list(problems)}"
+    if not skip_unreadable:
+        raise UserError(f"{summary}; fix or remove them, or pass --skip-unreadable")
+    log.warning("skipping %s", summary)
+
+
+class _DecodeCheck(torch.utils.data.Dataset):
+    """Items of `dataset` reduced to "" (decodes) or the error message naming the file."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> str:
+        try:
+            self.dataset[index]
+        except UserError as error:  # ImageError / MapError name the file
+            return str(error)
+        return ""
+
+
+def decode_all(dataset: FaceDataset, workers: int, skip_unreadable: bool) -> FaceDataset:
+    """Decode every image and map once, so a file whose header opens but whose data is truncated never
+    stops a run mid-epoch (FaceDataset itself only opens headers). Returns the dataset, rebuilt without
+    the bad samples under --skip-unreadable; UserError otherwise."""
+    loader = torch.utils.data.DataLoader(_DecodeCheck(dataset), batch_size=64, num_workers=workers, collate_fn=list)
+    results = [message for batch in loader for message in batch]
+    problems = [message for message in results if message]
+    if not problems:
+        return dataset
+    refuse_or_skip(problems, "image(s) or map(s) cannot be decoded:", skip_unreadable)
+    kept = [sample for sample, message in zip(dataset.samples, results, strict=True) if not message]
+    return FaceDataset(kept, (dataset.height, dataset.width), dataset.cam_grid)
 
 
 def saliency_provenance(samples_or_heatmaps_dir: Iterable[Sample] | str | os.PathLike[str] | None) -> str:

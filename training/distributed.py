@@ -123,15 +123,6 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return gathered
 
 
-def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()

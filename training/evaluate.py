@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cyborg import __version__
+from core import __version__
 from core.errors import UserError
 from core.contract import CLASS_NAMES, called_fake, sha256_file
 from core.heatmaps import upsample

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from core.contract import FAKE_INDEX, NUM_CLASSES, REAL_INDEX
 from training.loss import StepResult, cam_classes, cyborg_loss, saliency_mse
 from training.model import normalised_cam
 
@@ -47,10 +48,10 @@ def upsample_saliency(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Te
 
 def logit_difference_cam(class_maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Normalised map of (class c) - (the other class) per image: [B, 2, h, w], [B] -> [B, h, w]."""
-    if class_maps.shape[1] != 2:
-        raise ValueError(f"the logit-difference CAM needs 2 classes, got {class_maps.shape[1]}")
-    difference = class_maps[:, 1] - class_maps[:, 0]
-    sign = (classes.view(-1, 1, 1) == 1).to(difference.dtype) * 2.0 - 1.0
+    if class_maps.shape[1] != NUM_CLASSES:
+        raise ValueError(f"the logit-difference CAM needs {NUM_CLASSES} classes, got {class_maps.shape[1]}")
+    difference = class_maps[:, FAKE_INDEX] - class_maps[:, REAL_INDEX]
+    sign = (classes.view(-1, 1, 1) == FAKE_INDEX).to(difference.dtype) * 2.0 - 1.0
     return normalised_cam(sign * difference)
 
 

@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from core.contract import FAKE_INDEX
+from core.contract import FAKE_INDEX, NUM_CLASSES
 from training import backbones as _backbones  # noqa: F401  registers cyborg_local_tiny with timm
 
 # Architectures the project documents and tests; any other timm name that meets the contract works too.
@@ -108,7 +108,7 @@ def fake_probability(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(dim=-1)[:, FAKE_INDEX]
 
 
-def create_backbone(arch: str, num_classes: int = 2, **kwargs) -> nn.Module:
+def create_backbone(arch: str, num_classes: int = NUM_CLASSES, **kwargs) -> nn.Module:
     """A timm backbone with a fresh `num_classes` linear head."""
     name = TIMM_NAMES.get(arch, arch)
     if name not in timm.list_models() and not timm.is_model(name):
@@ -116,7 +116,7 @@ def create_backbone(arch: str, num_classes: int = 2, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes, global_pool="avg", **kwargs)
 
 
-def create_classifier(arch: str, mean=None, std=None, num_classes: int = 2) -> CamClassifier:
+def create_classifier(arch: str, mean=None, std=None, num_classes: int = NUM_CLASSES) -> CamClassifier:
     """Build the CAM classifier for `arch` with random weights (see training.weights for ImageNet)."""
     default_mean, default_std = default_normalisation(arch)
     return CamClassifier(create_backbone(arch, num_classes), mean or default_mean, std or default_std)

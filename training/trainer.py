@@ -83,54 +83,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _DecodeCheck(Dataset):
-    """Items of `dataset` reduced to "" (decodes) or the error message naming the file."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> str:
-        try:
-            self.dataset[index]
-        except UserError as error:  # ImageError / MapError name the file
-            return str(error)
-        return ""
-
-
-def decode_all(dataset, config: TrainConfig):
-    """Decode every image and map once before training, so a truncated file never stops a run mid-epoch.
-
-    Returns the dataset, rebuilt without the bad samples under --skip-unreadable; UserError otherwise.
-    """
-    from training.data import FaceDataset, name_list
-
-    loader = DataLoader(_DecodeCheck(dataset), batch_size=64, num_workers=config.workers, collate_fn=list)
-    results = [message for batch in loader for message in batch]
-    problems = [message for message in results if message]
-    if not problems:
-        return dataset
-    summary = f"{len(problems)} image(s) or map(s) cannot be decoded: {name_list(problems)}"
-    if not config.skip_unreadable:
-        raise UserError(f"{summary}; fix or remove them, or pass --skip-unreadable")
-    log.warning("skipping %s", summary)
-    kept = [sample for sample, message in zip(dataset.samples, results, strict=True) if not message]
-    return FaceDataset(kept, (dataset.height, dataset.width), dataset.cam_grid)
-
-
 def load_data(config: TrainConfig, image_size: int, grid: tuple[int, int]) -> DataBundle:
     """Train and validation datasets (validation: the data's own, else a seeded hold-out of train)."""
-    from training.data import FaceDataset, discover, saliency_provenance, split_samples, summarise
+    from training.data import FaceDataset, decode_all, discover, saliency_provenance, split_samples, summarise
 
     samples = discover(config.data, config.csv, config.heatmaps)
     splits = split_samples(samples, config.val_fraction, config.seed)
     for name in ("train", "val"):
         if len({s.label for s in splits[name]}) < 2:
             raise UserError(f"{config.data}: the {name} split needs both real and fake images (found {len(splits[name])} images)")
-    train = decode_all(FaceDataset(splits["train"], image_size, grid, skip_unreadable=config.skip_unreadable), config)
-    val = decode_all(FaceDataset(splits["val"], image_size, grid, skip_unreadable=config.skip_unreadable), config)
+    train = decode_all(FaceDataset(splits["train"], image_size, grid, skip_unreadable=config.skip_unreadable), config.workers, config.skip_unreadable)
+    val = decode_all(FaceDataset(splits["val"], image_size, grid, skip_unreadable=config.skip_unreadable), config.workers, config.skip_unreadable)
     saliency = saliency_provenance(train.samples)
     summary = {
         "root": str(config.data),

@@ -32,7 +32,7 @@ def describe(root) -> list[dict]:
                     cam=f"{contract.cam_height}x{contract.cam_width}",
                     threshold=contract.threshold,
                     saliency=contract.training.get("saliency", "none"),
-                    auc=contract.metrics.get("auc"),
+                    auc=contract.metrics.get("validation", {}).get("auc"),
                     files=sorted(contract.files),
                     status="ok",
                 )

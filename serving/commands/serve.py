@@ -1,33 +1,50 @@
-"""`cyborg serve`: run the gRPC inference server on a model repository."""
+"""`cyborg serve`: run the gRPC inference server on a model repository.
+
+Each flag is a `serving.server.ServerConfig` field of the same name: its default is the field's
+(stated once, in ServerConfig), and `config_from_args` copies every field across by name.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
+# ServerConfig field -> (argparse options, help; "{default}" is replaced by the field's default)
+FLAGS: dict[str, tuple[dict, str]] = {
+    "model_repository": ({}, "folder of <name>/<version>/model.onnx + model.json (default: {default})"),
+    "host": ({}, "address to listen on (default: {default})"),
+    "port": ({"type": int}, "gRPC port (default: {default}; 0 = any free port)"),
+    "metrics_port": ({"type": int}, "Prometheus /metrics HTTP port (default: {default}; -1 = off)"),
+    "default_model": ({}, "model for requests that name none (default: the only/first model)"),
+    "max_batch_size": ({"type": int}, "override every model's batching.max_batch_size"),
+    "max_queue_delay_ms": ({"type": float}, "override every model's batching.max_queue_delay_ms"),
+    "max_queue_size": ({"type": int}, "override every model's batching.max_queue_size (requests)"),
+    "instances": ({"type": int}, "batches of one model that may run at once (default: {default})"),
+    "poll_seconds": ({"type": float}, "rescan the repository this often (default: {default} = only on SIGHUP)"),
+    "backend": ({"choices": ("auto", "onnxruntime", "tensorrt")}, "engine (default: {default})"),
+    "device": ({"choices": ("auto", "cpu", "cuda")}, "device (default: {default})"),
+    "intra_op_threads": ({"type": int}, "ONNX Runtime intra-op threads (default: {default} = one per core)"),
+    "decode_workers": ({"type": int}, "image decoding threads (default: {default} = one per core)"),
+    "max_message_mb": ({"type": int}, "largest gRPC message and encoded image in MiB (default: {default})"),
+    "max_image_pixels": ({"type": int}, "largest decoded image in pixels (default: {default})"),
+    "tls_cert": ({}, "server certificate (PEM) for TLS"),
+    "tls_key": ({}, "server private key (PEM) for TLS"),
+    "tls_client_ca": ({}, "CA (PEM) that client certificates must chain to: mutual TLS"),
+    "auth_token_file": ({}, "file of accepted bearer tokens, one a line"),
+    "grace_seconds": ({"type": float}, "time in-flight calls get at shutdown (default: {default})"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-repository", default="models", help="folder of <name>/<version>/model.onnx + model.json (default: models)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=8001, help="gRPC port (default: 8001; 0 = any free port)")
-    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics HTTP port (default: 8002; -1 = off)")
-    parser.add_argument("--default-model", default="", help="model for requests that name none (default: the only/first model)")
-    parser.add_argument("--max-batch-size", type=int, help="override every model's batching.max_batch_size")
-    parser.add_argument("--max-queue-delay-ms", type=float, help="override every model's batching.max_queue_delay_ms")
-    parser.add_argument("--max-queue-size", type=int, help="override every model's batching.max_queue_size (requests)")
-    parser.add_argument("--instances", type=int, default=1, help="batches of one model that may run at once (default: 1)")
-    parser.add_argument("--poll-seconds", type=float, default=0.0, help="rescan the repository this often (default: 0 = only on SIGHUP)")
-    parser.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto", help="engine (default: auto)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: auto)")
-    parser.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: 0 = one per core)")
-    parser.add_argument("--decode-workers", type=int, default=0, help="image decoding threads (default: 0 = one per core)")
-    parser.add_argument("--max-message-mb", type=int, default=32, help="largest gRPC message and encoded image in MiB (default: 32)")
-    parser.add_argument("--max-image-pixels", type=int, default=64_000_000, help="largest decoded image in pixels (default: 64000000)")
-    parser.add_argument("--tls-cert", default="", help="server certificate (PEM) for TLS")
-    parser.add_argument("--tls-key", default="", help="server private key (PEM) for TLS")
-    parser.add_argument("--tls-client-ca", default="", help="CA (PEM) that client certificates must chain to: mutual TLS")
-    parser.add_argument("--auth-token-file", default="", help="file of accepted bearer tokens, one a line")
-    parser.add_argument("--grace-seconds", type=float, default=10.0, help="time in-flight calls get at shutdown (default: 10)")
+    from serving.server import ServerConfig
+
+    defaults = ServerConfig()
+    for field, (options, help_text) in FLAGS.items():
+        default = getattr(defaults, field)
+        if field == "metrics_port":
+            default = -1 if default is None else default
+        shown = f"{default:g}" if isinstance(default, float) else default
+        parser.add_argument(f"--{field.replace('_', '-')}", default=default, help=help_text.format(default=shown), **options)
     parser.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines as JSON objects or text (default: json)")
 
 
@@ -41,29 +58,9 @@ def config_from_args(args: argparse.Namespace):
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
     if args.max_queue_delay_ms is not None and args.max_queue_delay_ms < 0:
         raise UserError(f"--max-queue-delay-ms {args.max_queue_delay_ms}: must not be negative")
-    return ServerConfig(
-        model_repository=args.model_repository,
-        host=args.host,
-        port=args.port,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        default_model=args.default_model,
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_ms=args.max_queue_delay_ms,
-        max_queue_size=args.max_queue_size,
-        instances=args.instances,
-        poll_seconds=args.poll_seconds,
-        backend=args.backend,
-        device=args.device,
-        intra_op_threads=args.intra_op_threads,
-        decode_workers=args.decode_workers,
-        max_message_mb=args.max_message_mb,
-        max_image_pixels=args.max_image_pixels,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        auth_token_file=args.auth_token_file,
-        grace_seconds=args.grace_seconds,
-    )
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServerConfig) if field.name in FLAGS}
+    values["metrics_port"] = None if args.metrics_port < 0 else args.metrics_port
+    return ServerConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from cyborg import __version__
+    from core import __version__
     from core.errors import UserError
     from core.contract import utc_now
     from training.data import MapIndex, discover, name_list
