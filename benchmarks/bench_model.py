@@ -35,7 +35,7 @@ def main() -> None:
     classifier = create_classifier(args.arch).eval()
     folder = args.repository / (args.name or args.arch) / str(args.version)
     folder.mkdir(parents=True, exist_ok=True)
-    graph = export_graph(classifier, folder, size, validation_paths=[])
+    graph = export_graph(classifier, folder, size, validation_paths=[], scale=size)
     mean, std = classifier.pixel_mean.flatten() / 255.0, classifier.pixel_std.flatten() / 255.0
     entry = contract.ModelContract(
         name=args.name or args.arch,

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from core import contract as c
-from core.images import decode_image, image_files, to_model_input
+from core.images import decode_image, image_files, prepare
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 READY_METHOD = "/inference.GRPCInferenceService/ServerReady"
@@ -178,7 +178,7 @@ def decode_window(backend, encoded: Sequence[bytes], contract: c.ModelContract, 
     cursor = iter(_cycle(encoded))
 
     def step() -> int:
-        rows = [to_model_input(decode_image(next(cursor)), contract.input_height, contract.input_width) for _ in range(batch)]
+        rows = [prepare(decode_image(next(cursor)), contract) for _ in range(batch)]
         backend.run(np.stack(rows))
         return batch
 
@@ -461,7 +461,7 @@ def run_benchmark(
     """
     contract, folder = resolve_model(Path(repository), model, version)
     encoded = folder_images(images) if images else synthetic_images()
-    tensors = np.stack([to_model_input(decode_image(data), contract.input_height, contract.input_width) for data in encoded])
+    tensors = np.stack([prepare(decode_image(data), contract) for data in encoded])
     window = duration / rounds
     warmup = min(1.0, window / 4) if warmup is None else warmup
     load_before = os.getloadavg()

@@ -45,8 +45,13 @@ FAKE_INDEX = 1
 REAL_INDEX = 1 - FAKE_INDEX
 NUM_CLASSES = len(CLASS_NAMES)
 
-# How images are brought to the input size, in training and in serving alike.
-RESIZE_METHOD = "bilinear"  # PIL.Image.Resampling.BILINEAR (antialiased), straight to H x W, no crop
+# How images are brought to the input size, in training and in serving alike (`core.images.prepare`):
+# with a `scale` (the face's recorded scale in pixels), the image is resized, keeping its aspect
+# ratio, so that its shorter side is `scale` (not resampled at all when it already is), then
+# centre-cropped to H x W; training takes random crops of the same scaled image. Without one
+# (scale 0: model.json files written before the field existed) it is resized straight to H x W.
+RESIZE_METHOD = "bilinear"  # PIL.Image.Resampling.BILINEAR (antialiased)
+LEGACY_SCALE = 0  # "resize straight to H x W, no crop"
 
 SALIENCY_SOURCES = ("human", "proxy", "none")
 
@@ -85,6 +90,7 @@ class ModelContract:
     output_names: tuple[str, ...] = OUTPUT_NAMES
     class_names: tuple[str, ...] = CLASS_NAMES
     resize: str = RESIZE_METHOD
+    scale: int = LEGACY_SCALE  # shorter side in pixels before the centre crop; 0: resize straight to H x W
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -142,6 +148,8 @@ class ModelContract:
             problems.append(f"mean/std {self.mean}/{self.std}")
         if not 0.0 <= float(self.threshold) <= 1.0:
             problems.append(f"threshold {self.threshold} (outside [0, 1])")
+        if not isinstance(self.scale, int) or (self.scale != LEGACY_SCALE and self.scale < max(self.input_height, self.input_width)):
+            problems.append(f"scale {self.scale!r} (0, or at least the input's larger side)")
         if self.input_name != INPUT_NAME or tuple(self.output_names) != OUTPUT_NAMES:
             problems.append(f"tensor names {self.input_name}/{self.output_names} (expected {INPUT_NAME}/{OUTPUT_NAMES})")
         if self.input_dtype != INPUT_DTYPE or self.input_layout != INPUT_LAYOUT:

@@ -1,7 +1,8 @@
 """Image decoding and resizing: the one definition used by training and serving alike.
 
 Every image, whatever its file format or mode, becomes an RGB uint8 array of the model's exact
-input size through `decode_image` then `to_model_input`; training's data loader, export's parity
+input size through `decode_image` then `prepare` (`to_model_input` with the contract's scale and
+crop); training's data loader, export's parity
 check and calibration, and the server call the same two functions, so the server sees pixels
 prepared exactly as the model saw them in training. Which file names count as images
 (`IMAGE_EXTENSIONS`) and how a list of files becomes a batch (`load_images`) live here too.
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from core.contract import RESIZE_METHOD
+from core.contract import LEGACY_SCALE, RESIZE_METHOD, ModelContract
 from core.errors import ImageError, ImageTooLarge, UserError
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,59 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def to_model_input(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """Resize an RGB image straight to height x width and return uint8 [3, H, W] (CHW)."""
-    if image.size != (width, height):
-        image = image.resize((width, height), RESAMPLING)
+def to_model_input(image: Image.Image, height: int, width: int, scale: int = LEGACY_SCALE) -> np.ndarray:
+    """The model's uint8 [3, H, W] (CHW) input from an RGB image.
+
+    With `scale`, the image is scaled (aspect ratio kept) so that its shorter side is `scale`, then
+    centre-cropped to height x width; with scale 0, it is resized straight to height x width.
+    """
+    if scale == LEGACY_SCALE:
+        if image.size != (width, height):
+            image = image.resize((width, height), RESAMPLING)
+    else:
+        image = centre_crop(scale_to(image, scale), height, width)
+    return to_chw(image)
+
+
+def prepare(image: Image.Image, contract: ModelContract) -> np.ndarray:
+    """`to_model_input` with the preprocessing `contract` records: what serving does to every image."""
+    return to_model_input(image, contract.input_height, contract.input_width, contract.scale)
+
+
+def to_chw(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def scaled_size(size: tuple[int, int], scale: int) -> tuple[int, int]:
+    """(width, height) with the shorter side brought to `scale`, aspect ratio kept."""
+    width, height = size
+    if min(width, height) == scale:
+        return size
+    if width <= height:
+        return (scale, max(scale, round(height * scale / width)))
+    return (max(scale, round(width * scale / height)), scale)
+
+
+def scale_to(image: Image.Image, scale: int) -> Image.Image:
+    """The image resized (aspect ratio kept) so that its shorter side is `scale`; untouched when it is."""
+    size = scaled_size(image.size, scale)
+    return image if size == image.size else image.resize(size, RESAMPLING)
+
+
+def crop_box(size: tuple[int, int], height: int, width: int, left: int | None = None, top: int | None = None) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of a height x width crop of an image of `size`; centred
+    unless `left`/`top` are given. ImageError if the image is smaller than the crop."""
+    image_width, image_height = size
+    if image_width < width or image_height < height:
+        raise ImageError(f"a {image_width}x{image_height} image is smaller than the {width}x{height} crop")
+    left = (image_width - width) // 2 if left is None else left
+    top = (image_height - height) // 2 if top is None else top
+    return (left, top, left + width, top + height)
+
+
+def centre_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    box = crop_box(image.size, height, width)
+    return image if box == (0, 0, *image.size) else image.crop(box)
 
 
 def full_scale(image: Image.Image, array: np.ndarray) -> float:
@@ -130,17 +179,19 @@ def spread(items: Sequence, limit: int) -> list:
     return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
 
 
-def load_images(paths: Sequence[str], height: int, width: int) -> np.ndarray:
+def load_images(paths: Sequence[str], height: int, width: int, scale: int = LEGACY_SCALE) -> np.ndarray:
     """uint8 [N, 3, H, W] of the readable images among `paths`, prepared as in training and serving."""
-    return load_labelled_images(paths, [-1] * len(paths), height, width)[0]
+    return load_labelled_images(paths, [-1] * len(paths), height, width, scale)[0]
 
 
-def load_labelled_images(paths: Sequence[str], labels: Sequence[int], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def load_labelled_images(
+    paths: Sequence[str], labels: Sequence[int], height: int, width: int, scale: int = LEGACY_SCALE
+) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) for the readable images among `paths`; unreadable ones are skipped with a warning."""
     arrays, kept = [], []
     for path, label in zip(paths, labels):
         try:
-            arrays.append(to_model_input(read_image(path), height, width))
+            arrays.append(to_model_input(read_image(path), height, width, scale))
             kept.append(label)
         except ImageError as error:
             log.warning("skipping %s", error)

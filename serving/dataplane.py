@@ -19,7 +19,7 @@ from PIL import Image
 from core import heatmaps
 from core.contract import CAM_OUTPUT, SCORE_OUTPUT, ModelContract
 from serving.errors import InvalidArgument, ModelNotFound, reason_of  # noqa: F401 (ModelNotFound: part of this API)
-from core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MIN_SIDE, decode_image, to_model_input
+from core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MIN_SIDE, decode_image, prepare
 from serving.metrics import Metrics
 from serving.repository import ModelRepository
 
@@ -186,11 +186,11 @@ class DataPlane:
                 max_bytes=self.limits.max_image_bytes,
                 max_pixels=self.limits.max_image_pixels,
             )
-            return np.asarray(image), to_model_input(image, contract.input_height, contract.input_width)[None]
+            return np.asarray(image), prepare(image, contract)[None]
         picture = tensor_to_hwc(request.tensor, self.limits.max_image_pixels)
         if picture.shape[:2] == (contract.input_height, contract.input_width):
             return picture, np.ascontiguousarray(picture.transpose(2, 0, 1))[None]
-        return picture, to_model_input(Image.fromarray(picture), contract.input_height, contract.input_width)[None]
+        return picture, prepare(Image.fromarray(picture), contract)[None]
 
 
 def needs_pool(request: DetectRequest, contract: ModelContract) -> bool:

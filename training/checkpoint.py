@@ -67,6 +67,7 @@ class Checkpoint:
     mean: tuple[float, float, float] | None = None  # in [0, 1]: the normalisation inside the model
     std: tuple[float, float, float] | None = None
     image_size: int | None = None
+    scale: int | None = None  # the shorter side images were scaled to before cropping; None: image_size
     cam_grid: tuple[int, int] | None = None
     epoch: int = 0  # epochs completed
     best: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epoch": None, "val_auc": None})
@@ -113,12 +114,19 @@ class Checkpoint:
                 problems.append(f"{key} {value!r} (3 values)")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
             problems.append(f"image_size {self.image_size!r}")
+        if self.scale is not None and (not isinstance(self.scale, int) or self.scale < (self.image_size or 1)):
+            problems.append(f"scale {self.scale!r} (at least image_size)")
         if self.cam_grid is not None and len(self.cam_grid) != 2:
             problems.append(f"cam_grid {self.cam_grid!r}")
         if not isinstance(self.epoch, int) or self.epoch < 0:
             problems.append(f"epoch {self.epoch!r}")
         if problems:
             raise CheckpointError(f"{where}: invalid checkpoint: {'; '.join(problems)}")
+
+    @property
+    def input_scale(self) -> int:
+        """The preprocessing scale (core.contract.ModelContract.scale) the model was trained at."""
+        return int(self.scale or self.image_size)
 
     def require(self, where: str = "checkpoint") -> Checkpoint:
         """Self, or CheckpointError naming what a usable checkpoint lacks."""

@@ -11,12 +11,14 @@ from core.errors import UserError
 
 GUIDANCE_METHODS = ("ce", "cyborg", "cam_diff", "rrr", "mask", "consistency", "mask_cyborg", "swap")  # registry order: training.guidance
 CAM_CLASSES = ("predicted", "true")
+# training.augment's changes, in the order it applies them; "everyday" names them all (a test keeps the two in step)
+AUGMENTATIONS = ("flip", "shift", "colour", "resize", "blur", "jpeg", "webp")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     # data
-    data: str = ""
+    data: str | list[str] = ""  # one folder, or several plain-layout folders trained on at once
     csv: str | None = None
     heatmaps: str | None = None
     val_fraction: float = 0.1  # held out from the training split when the data has no validation split
@@ -25,11 +27,18 @@ class TrainConfig:
     arch: str = "resnet50"
     weights: str = "imagenet"  # "imagenet", "none" or a path to a state_dict / checkpoint
     image_size: int | None = None  # None: the architecture's default (224, or 299 for inception_v3/xception)
+    scale: int | None = None  # shorter side before cropping image_size (random crops in training); None: image_size
     # loss
     guidance: str = "cyborg"
     alpha: float = 0.5  # alpha * CE + (1 - alpha) * MSE(CAM, H); alpha = 1 is the CE baseline
     cam_class: str = "predicted"  # the paper's choice; "true" uses the label's CAM
     guidance_weight: float | None = None  # weight of the rrr / consistency term; None: the method's default
+    # augmentation (training.augment): none, everyday or a comma list of AUGMENTATIONS
+    augment: str = "none"
+    augment_p: float = 0.1  # probability of each everyday change (Wang et al. 2020: 0.1 beat 0.5)
+    augment_flip_p: float = 0.5  # probability of a horizontal flip
+    augment_jpeg_min: int = 30  # JPEG / WebP quality drawn uniformly in [augment_jpeg_min, 100]
+    augment_blur_max: float = 3.0  # Gaussian blur sigma drawn uniformly in [0, augment_blur_max]
     # optimisation (the paper's recipe)
     epochs: int = 50
     batch_size: int = 20
@@ -58,6 +67,16 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_step"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.scale is not None and (self.scale < 1 or (self.image_size is not None and self.scale < self.image_size)):
+            raise UserError(f"--scale {self.scale}: must be at least --image-size ({self.image_size})")
+        augmentation_names(self.augment)
+        for name in ("augment_p", "augment_flip_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1] (a probability)")
+        if not 1 <= self.augment_jpeg_min <= 100:
+            raise UserError(f"--augment-jpeg-min {self.augment_jpeg_min}: must be in [1, 100] (a JPEG quality)")
+        if not 0.0 <= self.augment_blur_max <= 10.0:
+            raise UserError(f"--augment-blur-max {self.augment_blur_max}: must be in [0, 10] (pixels)")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in (0, 1)")
 
@@ -71,6 +90,22 @@ class TrainConfig:
         if unknown:
             raise UserError(f"unknown training settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return cls(**values)
+
+
+def augmentation_names(text: str) -> tuple[str, ...]:
+    """--augment's value as AUGMENTATIONS names: "none" (nothing), "everyday" (all of them), or a comma
+    list of names (and "everyday"); UserError names the valid ones."""
+    names = [name.strip().lower() for name in str(text).split(",") if name.strip()]
+    if names in ([], ["none"]):
+        return ()
+    unknown = [name for name in names if name not in (*AUGMENTATIONS, "everyday")]
+    if unknown:
+        raise UserError(
+            f"--augment {text!r}: unknown augmentation(s) {', '.join(unknown)}; "
+            f"choose none, everyday or a comma list of {', '.join(AUGMENTATIONS)}"
+        )
+    chosen = set(AUGMENTATIONS) if "everyday" in names else set(names)
+    return tuple(name for name in AUGMENTATIONS if name in chosen)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -20,16 +20,18 @@ import logging
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from core.errors import UserError
 from core.contract import CLASS_NAMES, FAKE_INDEX, REAL_INDEX
-from core.images import is_image_file, read_image, to_model_input
-from training.saliency import prepare_map, read_provenance
+from core.contract import LEGACY_SCALE
+from core.images import crop_box, is_image_file, read_image, scale_to, scaled_size, to_chw, to_model_input
+from training.saliency import load_map, prepare_map, read_provenance
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +135,37 @@ def read_plain(folder: Path, split: str, maps: MapIndex) -> list[Sample]:
 
 
 def discover(
+    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    csv: str | os.PathLike[str] | None = None,
+    heatmaps: str | os.PathLike[str] | None = None,
+) -> list[Sample]:
+    """Every sample of one data folder, or of several plain-layout folders at once (their sources
+    named FOLDER/SOURCE, so per-source figures tell them apart); UserError naming what is wrong."""
+    folders = data_folders(data)
+    if len(folders) == 1:
+        return discover_one(folders[0], csv, heatmaps)
+    if csv is not None:
+        raise UserError("--csv describes one data root; several DATA folders must each have the plain layout")
+    names = [Path(folder).name for folder in folders]
+    if len(set(names)) != len(names):
+        raise UserError(f"DATA folders must have different names (they name the sources): {', '.join(map(str, folders))}")
+    samples = []
+    for folder, name in zip(folders, names):
+        samples += [dataclasses.replace(s, source=f"{name}/{s.source}") for s in discover_one(folder, None, heatmaps)]
+    return samples
+
+
+def data_folders(data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """TrainConfig.data (one folder or a list of them) as a list."""
+    return [os.fspath(data)] if isinstance(data, (str, os.PathLike)) else [os.fspath(d) for d in data]
+
+
+def discover_one(
     data: str | os.PathLike[str],
     csv: str | os.PathLike[str] | None = None,
     heatmaps: str | os.PathLike[str] | None = None,
 ) -> list[Sample]:
-    """Every sample of a data set in either layout; UserError when the layout is not recognised."""
+    """Every sample of one data folder in either layout; UserError when the layout is not recognised."""
     data = Path(data)
     if not data.is_dir():
         raise UserError(f"{data}: data folder not found")
@@ -167,7 +195,8 @@ def discover(
 
 def split_samples(samples: Iterable[Sample], val_fraction: float, seed: int) -> dict[str, list[Sample]]:
     """{"train", "val", "test"} lists. Explicit val samples are kept; otherwise a seeded hold-out of
-    `val_fraction` of each label's training samples becomes val (deterministic, input order irrelevant).
+    `val_fraction` of each (label, source) group of training samples becomes val, so every source is
+    represented in validation (deterministic, input order irrelevant).
     """
     samples = sorted(samples, key=lambda s: (SPLITS.index(s.split), s.label, str(s.path)))
     splits: dict[str, list[Sample]] = {name: [s for s in samples if s.split == name] for name in SPLITS}
@@ -175,8 +204,9 @@ def split_samples(samples: Iterable[Sample], val_fraction: float, seed: int) -> 
         return splits
     train, val = [], []
     rng = random.Random(seed)
-    for label in sorted({s.label for s in splits["train"]}):
-        group = [s for s in splits["train"] if s.label == label]
+    groups = sorted({(s.label, s.source) for s in splits["train"]})
+    for label, source in groups:
+        group = [s for s in splits["train"] if s.label == label and s.source == source]
         rng.shuffle(group)
         count = min(len(group) - 1, max(1, round(len(group) * val_fraction))) if len(group) > 1 else 0
         val += [dataclasses.replace(s, split="val") for s in group[:count]]
@@ -208,7 +238,14 @@ def sample_problem(sample: Sample) -> str | None:
 
 
 class FaceDataset(torch.utils.data.Dataset):
-    """Samples as model inputs: uint8 [3, H, W] images, labels and maps on the CAM grid."""
+    """Samples as model inputs: uint8 [3, H, W] images, labels and maps on the CAM grid.
+
+    Images are prepared as serving prepares them (`core.images.to_model_input` with `scale`). With
+    `train=True`, the crop is taken at a random place instead of the centre and `augmenter` (if any)
+    changes the scaled image first; the saliency map follows every geometric change. Randomness
+    depends only on (seed, epoch, index): items are addressed as `epoch * len(dataset) + index`
+    (see `EpochSampler`), so a resumed run and worker processes see the same images.
+    """
 
     def __init__(
         self,
@@ -216,9 +253,14 @@ class FaceDataset(torch.utils.data.Dataset):
         image_size: int | tuple[int, int],
         cam_grid: tuple[int, int],
         skip_unreadable: bool = False,
+        scale: int = LEGACY_SCALE,
+        train: bool = False,
+        augmenter: Callable | None = None,
+        seed: int = 0,
     ):
         self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.cam_grid = (int(cam_grid[0]), int(cam_grid[1]))
+        self.scale, self.train, self.augmenter, self.seed = int(scale or LEGACY_SCALE), train, augmenter, seed
         with ThreadPoolExecutor(max_workers=8) as pool:  # header reads: I/O bound
             reasons = list(pool.map(sample_problem, samples))
         problems = [f"{sample.path} ({reason})" for sample, reason in zip(samples, reasons) if reason]
@@ -232,22 +274,76 @@ class FaceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def rebuilt(self, samples: Sequence[Sample]) -> FaceDataset:
+        """The same preparation over other samples."""
+        return FaceDataset(samples, (self.height, self.width), self.cam_grid, scale=self.scale, train=self.train,
+                           augmenter=self.augmenter, seed=self.seed)  # fmt: skip
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        epoch, index = divmod(int(item), len(self.samples))
         sample = self.samples[index]
-        image = to_model_input(read_image(sample.path), self.height, self.width)  # ImageError names the file
-        if sample.map_path is not None:
-            if sample.map_path not in self.prepared_maps:
-                self.prepared_maps[sample.map_path] = torch.from_numpy(prepare_map(sample.map_path, self.cam_grid))
-            saliency = self.prepared_maps[sample.map_path].clone()
+        image = read_image(sample.path)  # ImageError names the file
+        whole = self.scale == LEGACY_SCALE or scaled_size(image.size, self.scale) == (self.width, self.height)
+        if whole and not (self.train and self.augmenter is not None):
+            pixels, saliency = self.untouched(image, sample)
         else:
-            saliency = torch.zeros(self.cam_grid, dtype=torch.float32)
+            pixels, saliency = self.transformed(image, sample, random.Random(f"{self.seed}:{epoch}:{index}"))
         return {
-            "image": torch.from_numpy(image),
+            "image": torch.from_numpy(pixels),
             "label": torch.tensor(sample.label, dtype=torch.long),
             "saliency": saliency,
             "has_saliency": torch.tensor(sample.map_path is not None),
             "index": torch.tensor(index, dtype=torch.long),
         }
+
+    def untouched(self, image: Image.Image, sample: Sample) -> tuple[np.ndarray, torch.Tensor]:
+        """The whole image is the input (legacy resize, or already at the input size): maps are cached."""
+        pixels = to_model_input(image, self.height, self.width, self.scale)
+        if sample.map_path is None:
+            return pixels, torch.zeros(self.cam_grid, dtype=torch.float32)
+        if sample.map_path not in self.prepared_maps:
+            self.prepared_maps[sample.map_path] = torch.from_numpy(prepare_map(sample.map_path, self.cam_grid))
+        return pixels, self.prepared_maps[sample.map_path].clone()
+
+    def transformed(self, image: Image.Image, sample: Sample, rng: random.Random) -> tuple[np.ndarray, torch.Tensor]:
+        """Scale, (augment,) crop; the map at the scaled image's size goes through the same steps."""
+        image = scale_to(image, self.scale)
+        saliency = None
+        if sample.map_path is not None:
+            full = Image.fromarray(load_map(sample.map_path), mode="F").resize(image.size, Image.Resampling.BILINEAR)
+            saliency = np.asarray(full, dtype=np.float32)
+        if self.train and self.augmenter is not None:
+            image, saliency = self.augmenter(image, saliency, rng)
+        if self.train:
+            left, top = rng.randint(0, image.width - self.width), rng.randint(0, image.height - self.height)
+            box = crop_box(image.size, self.height, self.width, left, top)
+        else:
+            box = crop_box(image.size, self.height, self.width)
+        pixels = to_chw(image.crop(box))
+        if saliency is None:
+            return pixels, torch.zeros(self.cam_grid, dtype=torch.float32)
+        cropped = saliency[box[1]:box[3], box[0]:box[2]]
+        return pixels, torch.from_numpy(prepare_map(cropped, self.cam_grid))
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A sampler's indices offset by `epoch * len(dataset)`, so FaceDataset knows the epoch of each
+    item even in persistent worker processes (which never see attribute changes made after they start)."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler[int], size: int):
+        self.sampler, self.size, self.epoch = sampler, size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * self.size
+        return (offset + index for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def refuse_or_skip(problems: Sequence[str], what: str, skip_unreadable: bool) -> None:
@@ -288,7 +384,7 @@ def decode_all(dataset: FaceDataset, workers: int, skip_unreadable: bool) -> Fac
         return dataset
     refuse_or_skip(problems, "image(s) or map(s) cannot be decoded:", skip_unreadable)
     kept = [sample for sample, message in zip(dataset.samples, results, strict=True) if not message]
-    return FaceDataset(kept, (dataset.height, dataset.width), dataset.cam_grid)
+    return dataset.rebuilt(kept)
 
 
 def saliency_provenance(samples_or_heatmaps_dir: Iterable[Sample] | str | os.PathLike[str] | None) -> str:

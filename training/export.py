@@ -174,7 +174,7 @@ def build_version(
     paths, _ = state.val_predictions.existing_images()
     if not paths:
         log.warning("none of the checkpoint's validation images exist here; parity is checked on random images only")
-    graph = export_graph(model, folder, size, paths)
+    graph = export_graph(model, folder, size, paths, state.input_scale)
     if state.cam_grid and tuple(state.cam_grid) != graph.cam_grid:
         log.warning("checkpoint says CAM grid %s but the model gives %s; using the model's", state.cam_grid, graph.cam_grid)
     contract = c.ModelContract(
@@ -183,6 +183,7 @@ def build_version(
         architecture=config.arch,
         input_height=size,
         input_width=size,
+        scale=state.input_scale,
         cam_height=graph.cam_grid[0],
         cam_width=graph.cam_grid[1],
         mean=tuple(float(v) for v in state.mean),
@@ -210,7 +211,7 @@ class ExportedGraph:
     figures: dict[str, Any]  # model.json's metrics["export"]
 
 
-def export_graph(model, folder: Path, size: int, validation_paths: list[str]) -> ExportedGraph:
+def export_graph(model, folder: Path, size: int, validation_paths: list[str], scale: int) -> ExportedGraph:
     """`folder`/model.onnx from a trained CamClassifier, checked against torch on up to
     PARITY_VALIDATION_IMAGES of `validation_paths` and PARITY_RANDOM_IMAGES random images."""
     import torch
@@ -223,7 +224,7 @@ def export_graph(model, folder: Path, size: int, validation_paths: list[str]) ->
     exporter = export_onnx(module, folder / c.ONNX_FILE, size, size)
     rng = np.random.default_rng(0)
     parity_images = np.concatenate([
-        load_images(spread(validation_paths, PARITY_VALIDATION_IMAGES), size, size),
+        load_images(spread(validation_paths, PARITY_VALIDATION_IMAGES), size, size, scale),
         rng.integers(0, 256, (PARITY_RANDOM_IMAGES, 3, size, size), dtype=np.uint8),
     ])
     parity = check_parity(module, folder / c.ONNX_FILE, parity_images)

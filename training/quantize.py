@@ -81,7 +81,7 @@ def calibration_images(request, state: Checkpoint, size: int) -> np.ndarray:
     else:
         paths, _ = state.val_predictions.existing_images()
         where = "the checkpoint's val_predictions paths"
-    images = load_images(spread(paths, request.calibration_images), size, size)
+    images = load_images(spread(paths, request.calibration_images), size, size, state.input_scale)
     if len(images) == 0:
         raise UserError(f"--int8: no readable calibration images in {where}; pass --calibration-data FOLDER")
     return images
@@ -160,7 +160,7 @@ def quantize_checkpoint_model(request, state: Checkpoint, folder: Path, size: in
     images = calibration_images(request, state, size)
     fp32_path, int8_path = folder / c.ONNX_FILE, folder / c.INT8_ONNX_FILE
     quantize(fp32_path, int8_path, images)
-    eval_images, eval_labels = load_labelled_images(*state.val_predictions.existing_images(EVALUATION_IMAGES), size, size)
+    eval_images, eval_labels = load_labelled_images(*state.val_predictions.existing_images(EVALUATION_IMAGES), size, size, state.input_scale)
     if len(eval_images) == 0:
         eval_images, eval_labels = images, np.full(len(images), -1)
     result = {"file": c.INT8_ONNX_FILE, "calibration_images": int(len(images)), "quantisation": "static QDQ, per-channel "

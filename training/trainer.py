@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
+from core.contract import CLASS_NAMES, NUM_CLASSES
 from core.errors import UserError
 from training import distributed
 from training.checkpoint import Checkpoint, ValPredictions, read_checkpoint, save_checkpoint
@@ -85,15 +86,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def load_data(config: TrainConfig, image_size: int, grid: tuple[int, int]) -> DataBundle:
     """Train and validation datasets (validation: the data's own, else a seeded hold-out of train)."""
+    from training.augment import make_augmenter
     from training.data import FaceDataset, decode_all, discover, saliency_provenance, split_samples, summarise
 
     samples = discover(config.data, config.csv, config.heatmaps)
     splits = split_samples(samples, config.val_fraction, config.seed)
     for name in ("train", "val"):
-        if len({s.label for s in splits[name]}) < 2:
-            raise UserError(f"{config.data}: the {name} split needs both real and fake images (found {len(splits[name])} images)")
-    train = decode_all(FaceDataset(splits["train"], image_size, grid, skip_unreadable=config.skip_unreadable), config.workers, config.skip_unreadable)
-    val = decode_all(FaceDataset(splits["val"], image_size, grid, skip_unreadable=config.skip_unreadable), config.workers, config.skip_unreadable)
+        missing = [CLASS_NAMES[label] for label in range(NUM_CLASSES) if label not in {s.label for s in splits[name]}]
+        if missing:
+            raise UserError(
+                f"{config.data}: the {name} split has no {' or '.join(missing)} images ({len(splits[name])} images); "
+                "training needs both classes (give several DATA folders to combine sources of each class)"
+            )
+    scale = config.scale or image_size
+    prepared = dict(image_size=image_size, cam_grid=grid, skip_unreadable=config.skip_unreadable, scale=scale, seed=config.seed)
+    augmenter = make_augmenter(config)
+    train = decode_all(FaceDataset(splits["train"], train=True, augmenter=augmenter, **prepared), config.workers, config.skip_unreadable)
+    val = decode_all(FaceDataset(splits["val"], **prepared), config.workers, config.skip_unreadable)
     saliency = saliency_provenance(train.samples)
     summary = {
         "root": str(config.data),
@@ -139,6 +148,9 @@ def train_loader(dataset: Dataset, config: TrainConfig, info: DistInfo) -> DataL
         sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=config.seed)
     else:  # its own generator: persistent workers draw their base seed from the loader's only once
         sampler = RandomSampler(dataset, generator=torch.Generator())
+    from training.data import EpochSampler
+
+    sampler = EpochSampler(sampler, len(dataset))
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -153,10 +165,9 @@ def train_loader(dataset: Dataset, config: TrainConfig, info: DistInfo) -> DataL
 
 def start_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     """Fix this epoch's shuffle and worker seeds, so a resumed run sees the same batches."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    else:
-        loader.sampler.generator.manual_seed(seed * 1_000_003 + epoch)
+    loader.sampler.set_epoch(epoch)  # EpochSampler: the epoch of every item (random crops, augmentation)
+    if not isinstance(loader.sampler.sampler, DistributedSampler):
+        loader.sampler.sampler.generator.manual_seed(seed * 1_000_003 + epoch)
     loader.generator.manual_seed(seed * 1_000_003 + epoch)
 
 
@@ -446,6 +457,7 @@ def make_checkpoint(run: Run, epoch: int, val_metrics: dict[str, Any], predictio
         mean=tuple((run.model.pixel_mean.flatten() / 255.0).tolist()),
         std=tuple((run.model.pixel_std.flatten() / 255.0).tolist()),
         image_size=run.image_size,
+        scale=run.config.scale or run.image_size,
         cam_grid=tuple(run.grid),
         saliency=data.saliency,
         data=data.summary,

@@ -16,9 +16,17 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--alpha": ("alpha", float, "alpha * CE + (1 - alpha) * MSE(CAM, H); 1 = CE only (default: 0.5)"),
     "--cam-class": ("cam_class", str, "CAM of the predicted class (the paper) or the true class (default: predicted)"),
     "--guidance-weight": ("guidance_weight", float, "weight of the rrr / consistency term (default: the method's, docs/guidance.md)"),
+    "--augment": ("augment", str, "training augmentation: none, everyday (all of flip, shift, colour, resize, blur, jpeg, webp) "
+                  "or a comma list of those (default: none; see docs/training.md)"),
+    "--augment-p": ("augment_p", float, "probability of each everyday change, all but flip (default: 0.1)"),
+    "--augment-flip-p": ("augment_flip_p", float, "probability of a horizontal flip (default: 0.5)"),
+    "--augment-jpeg-min": ("augment_jpeg_min", int, "JPEG and WebP quality drawn in [this, 100] (default: 30)"),
+    "--augment-blur-max": ("augment_blur_max", float, "Gaussian blur sigma drawn in [0, this] pixels (default: 3)"),
     "--epochs": ("epochs", int, "epochs (default: 50)"),
     "--batch-size": ("batch_size", int, "batch size per process (default: 20)"),
     "--image-size": ("image_size", int, "input side in pixels (default: the architecture's, 224 or 299)"),
+    "--scale": ("scale", int, "the face's scale: shorter side in pixels before a crop of --image-size, no resampling when "
+                "an image already has it (training: random crops; serving: the centre crop) (default: --image-size)"),
     "--lr": ("lr", float, "SGD learning rate (default: 0.005)"),
     "--momentum": ("momentum", float, "SGD momentum (default: 0.9)"),
     "--weight-decay": ("weight_decay", float, "SGD weight decay (default: 1e-6)"),
@@ -33,7 +41,9 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATA", help="plain-layout folder (real/, fake/, maps/) or the root the --csv paths hang from")
+    parser.add_argument("data", metavar="DATA", nargs="+",
+                        help="plain-layout folder (real/, fake/, maps/) or the root the --csv paths hang from; several "
+                        "plain folders train on all of them at once (sources are named FOLDER/SOURCE)")  # fmt: skip
     for flag, (field, kind, help_text) in FLAGS.items():
         parser.add_argument(flag, dest=field, type=kind, default=argparse.SUPPRESS, help=help_text)
     parser.add_argument("--config", metavar="FILE", help="JSON or YAML file of settings (TrainConfig field names)")
@@ -52,7 +62,7 @@ def build_config(args: argparse.Namespace):
     values: dict[str, Any] = {}
     given = {field: getattr(args, field) for field, _, _ in FLAGS.values() if hasattr(args, field)}
     given.update({name: getattr(args, name) for name in ("skip_unreadable", "amp") if hasattr(args, name)})
-    given["data"] = args.data
+    given["data"] = args.data[0] if len(args.data) == 1 else list(args.data)
     if args.resume:
         out = given.get("out") or (load_config_file(args.config).get("out") if args.config else None)
         if not out:
