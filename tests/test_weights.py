@@ -38,13 +38,17 @@ def lite0_state() -> dict[str, torch.Tensor]:
     return efficientnet_lite0_imagenet_state_dict()
 
 
-def test_mapped_efficientnet_lite0_recognises_known_images(lite0_state):
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_mapped_efficientnet_lite_recognises_known_images(arch, lite0_state):
     import timm
     from skimage import data
 
-    assert len(lite0_state) == 296
-    network = timm.create_model("efficientnet_lite0", num_classes=1000)
-    network.load_state_dict(lite0_state, strict=True)
+    from training.weights import packaged_imagenet_state_dict
+
+    state = lite0_state if arch == "efficientnet_lite0" else packaged_imagenet_state_dict(arch)
+    assert arch != "efficientnet_lite0" or len(state) == 296
+    network = timm.create_model(arch, num_classes=1000)
+    network.load_state_dict(state, strict=True)
     network.eval()
     batch = torch.stack([imagenet_input(data.chelsea()), imagenet_input(data.coffee())])
     with torch.no_grad():

