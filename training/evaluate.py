@@ -23,12 +23,14 @@ from core import __version__
 from core.errors import UserError
 from core.contract import CLASS_NAMES, called_fake, sha256_file
 from core.heatmaps import upsample
+from core.images import read_image, to_model_input
 from core.thresholds import FALLBACK_THRESHOLD, equal_error_rate, evaluation_threshold, roc_curve
 from training.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint
 from training.config import TrainConfig
 from training.data import FaceDataset, discover, saliency_provenance, split_samples, summarise
 from training.distributed import resolve_device
 from training.model import CamClassifier, cam_grid, default_image_size, fake_probability, select_cam
+from training.perturb import Perturbation, parse_perturbations
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +333,100 @@ def write_predictions(path: Path, samples: Sequence, labels: np.ndarray, scores:
             writer.writerow([str(sample.path), sample.source, CLASS_NAMES[int(label)], f"{score:.9g}", CLASS_NAMES[int(called_fake(score, threshold))]])
 
 
+class PerturbedDataset(torch.utils.data.Dataset):
+    """`dataset`'s images changed by `perturbation` right after decoding, then prepared exactly as
+    `dataset` prepares them for evaluation (`core.images.to_model_input` at its size and scale).
+    Items carry image, label and index: what `predict` needs for scores."""
+
+    def __init__(self, dataset: FaceDataset, perturbation: Perturbation):
+        self.dataset, self.perturbation = dataset, perturbation
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.dataset.samples[index]
+        image = self.perturbation(read_image(sample.path))
+        pixels = to_model_input(image, self.dataset.height, self.dataset.width, self.dataset.scale)
+        return {
+            "image": torch.from_numpy(pixels),
+            "label": torch.tensor(sample.label, dtype=torch.long),
+            "index": torch.tensor(index, dtype=torch.long),
+        }
+
+
+def robustness_metrics(labels: np.ndarray, scores: np.ndarray, sources: Sequence, threshold: float) -> dict[str, Any]:
+    """AUC, EER, accuracy (and TPR/FPR) at `threshold`, overall and per source (the pairs of `source_masks`)."""
+    labels, scores = _as_arrays(labels, scores)
+    overall = binary_metrics(labels, scores, threshold)
+    names = source_names(sources, labels.size)
+    per_source = {}
+    for source, row in per_source_metrics(labels, scores, names, threshold).items():
+        fakes, reals = source_masks(labels, names, source)
+        pair = fakes | reals
+        eer = equal_error_rate(labels[pair], scores[pair])[0] if fakes.any() and reals.any() else None
+        per_source[source] = {"n": row["n"], "auc": row["auc"], "eer": eer, "accuracy": row["accuracy"], "tpr": row["tpr"], "fpr": row["fpr"]}
+    return {**{key: overall[key] for key in ("auc", "eer", "accuracy", "tpr", "fpr")}, "per_source": per_source}
+
+
+def evaluate_perturbations(
+    model: CamClassifier,
+    dataset: FaceDataset,
+    perturbations: Sequence[Perturbation],
+    clean: dict[str, np.ndarray],
+    threshold: float,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """{name: metrics} for each perturbation of `dataset` (its "clean" scores are `clean`, the unperturbed
+    predictions already made), with `auc_vs_clean` (its AUC minus the clean AUC); in the order given."""
+    sources = [dataset.samples[i].source for i in clean["indices"]]
+    table: dict[str, dict[str, Any]] = {}
+    for perturbation in perturbations:
+        if perturbation.name == "clean":
+            labels, scores = clean["labels"], clean["scores"]
+        else:
+            log.info("evaluating under %s", perturbation.name)
+            found = predict(model, PerturbedDataset(dataset, perturbation), batch_size=batch_size, device=device, workers=workers)
+            labels, scores = found["labels"], found["scores"]
+        table[perturbation.name] = {"description": perturbation.description, **robustness_metrics(labels, scores, sources, threshold)}
+    reference = table.get("clean", {}).get("auc")
+    for row in table.values():
+        row["auc_vs_clean"] = None if reference is None or row["auc"] is None else row["auc"] - reference
+    return table
+
+
+def plot_perturbations(table: dict[str, dict[str, Any]], path: str | Path, threshold: float) -> None:
+    """perturbations.png: AUC under each perturbation, overall (thick) and per source, chance at 0.5."""
+    from matplotlib.figure import Figure
+
+    names = list(table)
+    positions = np.arange(len(names))
+    figure = Figure(figsize=(max(6.4, 0.75 * len(names) + 2.5), 4.8), layout="constrained")
+    ax = figure.add_subplot()
+    ax.axhline(0.5, linestyle="--", color="grey", linewidth=1, label="chance")
+
+    def values(get) -> np.ndarray:
+        return np.array([np.nan if get(table[name]) is None else get(table[name]) for name in names], dtype=float)
+
+    ax.plot(positions, values(lambda row: row["auc"]), marker="o", color="black", linewidth=3.5, markersize=8, label="all")
+    sources = sorted({source for row in table.values() for source in row["per_source"]})
+    if len(sources) > 1:  # drawn over "all", so a source that matches it stays visible
+        for source in sources:
+            aucs = values(lambda row, source=source: row["per_source"].get(source, {}).get("auc"))
+            if np.isfinite(aucs).any():
+                ax.plot(positions, aucs, marker="o", linewidth=1.2, markersize=4, label=source)
+    plotted = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()[1:]])
+    lowest = float(np.nanmin(plotted)) if np.isfinite(plotted).any() else 0.5
+    ax.set(xticks=positions, xlim=(-0.5, len(names) - 0.5), ylim=(min(0.4, lowest - 0.05), 1.01), ylabel="AUC")
+    ax.set_xticklabels(names, rotation=35, ha="right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"AUC under everyday changes (accuracy in results.json at threshold {threshold:.3g})", fontsize=10)
+    ax.legend(loc="lower left", fontsize="small")
+    figure.savefig(path, dpi=110)
+
+
 def checkpoint_provenance(path: Path, state: Checkpoint, config: TrainConfig, image_size: int, grid: tuple[int, int]) -> dict[str, Any]:
     return {
         "path": str(path.resolve()),
@@ -361,13 +457,18 @@ def evaluate_checkpoint(
     workers: int = 0,
     max_cams: int = 16,
     skip_unreadable: bool = False,
+    perturb: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a data set; writes OUT/results.json, roc.png, cams.png, predictions.csv.
+
+    With `perturb` (a comma list of `training.perturb.PERTURBATIONS` names, or "all"), the images are
+    also scored after each everyday change: results.json's "perturbations" and perturbations.png.
 
     The threshold is `threshold` if given, else the one chosen on the checkpoint's validation split
     (its val_metrics["eer_threshold"]), never one fitted to the evaluated data.
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    perturbations = parse_perturbations(perturb) if perturb is not None else None
     state = read_checkpoint(checkpoint)
     model, config = model_from_checkpoint(state)
     torch_device = resolve_device(device)
@@ -400,6 +501,10 @@ def evaluate_checkpoint(
         regions = top_region(predictions["saliency"][chosen]) & has_map[chosen, None, None]
         plot_cams(images, predictions["cams"][chosen], labels[chosen], scores[chosen], threshold, out / "cams.png", regions, map_kind=maps_kind)
     write_predictions(out / "predictions.csv", kept, labels, scores, threshold)
+    robustness = None
+    if perturbations is not None:
+        robustness = evaluate_perturbations(model, dataset, perturbations, predictions, threshold, batch_size, torch_device, workers)
+        plot_perturbations(robustness, out / "perturbations.png", threshold)
 
     results = {
         **{key: metrics[key] for key in ("auc", "eer", "accuracy", "threshold", "tpr", "fpr", "n_real", "n_fake")},
@@ -426,5 +531,8 @@ def evaluate_checkpoint(
         "cyborg_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if robustness is not None:
+        results["perturbations"] = robustness
+        results["files"]["perturbations"] = "perturbations.png"
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

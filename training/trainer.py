@@ -260,7 +260,7 @@ def train_one_epoch(
 
 def validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, info: DistInfo) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics and predictions on the validation set; each rank scores a shard, rank order restored."""
-    from training.evaluate import binary_metrics, predict
+    from training.evaluate import binary_metrics, per_source_metrics, predict
 
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
     part = predict(unwrap(model), shard, batch_size=config.batch_size, device=info.device, workers=config.workers) if len(shard) else None
@@ -268,7 +268,11 @@ def validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, info
     merged = {key: np.concatenate([p[key] for p in parts]) for key in ("indices", "labels", "scores")}
     order = np.argsort(merged["indices"], kind="stable")
     predictions = {key: value[order] for key, value in merged.items()}
-    return binary_metrics(predictions["labels"], predictions["scores"]), predictions
+    metrics = binary_metrics(predictions["labels"], predictions["scores"])
+    sources = [dataset.samples[int(i)].source for i in predictions["indices"]]
+    per_source = per_source_metrics(predictions["labels"], predictions["scores"], sources, metrics["threshold"])
+    metrics["source_auc"] = {source: row["auc"] for source, row in per_source.items()}
+    return metrics, predictions
 
 
 # ---------------------------------------------------------------- the run
@@ -441,7 +445,7 @@ def record_epoch(run: Run, epoch: int, lr: float, train_stats: dict[str, float],
         "epoch": epoch + 1,
         "lr": lr,
         **{f"train_{key}": value for key, value in train_stats.items()},
-        **{f"val_{key}": val_metrics[key] for key in ("auc", "eer", "accuracy")},
+        **{f"val_{key}": val_metrics[key] for key in ("auc", "eer", "accuracy", "source_auc")},
         "best_epoch": run.best["epoch"],
         "saliency": run.data.saliency,
     })  # fmt: skip
@@ -480,9 +484,10 @@ def make_checkpoint(run: Run, epoch: int, val_metrics: dict[str, Any], predictio
 
 def log_epoch(config: TrainConfig, epoch: int, train_stats: dict[str, float], val_metrics: dict[str, Any], improved: bool) -> None:
     log.info(
-        "epoch %d/%d: loss %.4f (ce %.4f, guidance %.4f), train acc %.3f, %.1f img/s; val AUC %s, acc %.3f%s",
+        "epoch %d/%d: loss %.4f (ce %.4f, guidance %.4f), train acc %.3f, %.1f img/s; val AUC %s, acc %.3f%s%s",
         epoch + 1, config.epochs, train_stats["loss"], train_stats["ce"], train_stats["guidance"],
         train_stats["accuracy"], train_stats["images_per_s"], _fmt(val_metrics["auc"]), val_metrics["accuracy"],
+        "".join(f"; {source} {_fmt(auc)}" for source, auc in val_metrics["source_auc"].items()) if len(val_metrics["source_auc"]) > 2 else "",
         " (best)" if improved else "",
     )  # fmt: skip
 

@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
     parser.add_argument("--cams", type=int, default=16, help="images in the CAM overlay grid (default 16)")
     parser.add_argument("--skip-unreadable", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    parser.add_argument(
+        "--perturb",
+        metavar="LIST",
+        help="also score the images after everyday changes: a comma list of clean, jpeg90, jpeg70, jpeg50, jpeg30, webp, "
+        "half, up2x, blur1, blur2, crop80, screenshot, or all (writes perturbations.png; docs/evaluation.md)",
+    )
     parser.add_argument("--out", required=True, help="output folder for results.json, roc.png, cams.png, predictions.csv")
 
 
@@ -52,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         max_cams=args.cams,
         skip_unreadable=args.skip_unreadable,
+        perturb=args.perturb,
     )
     print(summary(results))
     return 0
@@ -78,5 +85,22 @@ def summary(results: dict) -> str:
             f"CAM mass in the map's top {agreement['top_fraction']:.0%} {_fmt(agreement['mass_in_top_region'])} "
             f"(even spread: {_fmt(agreement['top_region_fraction'])})"
         )
+    if results.get("perturbations"):
+        lines += perturbation_table(results["perturbations"])
     lines.append(f"wrote {results['out']}: " + ", ".join(name for name in ("results.json", *results["files"].values()) if name))
     return "\n".join(lines)
+
+
+def perturbation_table(table: dict) -> list[str]:
+    """Lines of the robustness table: overall AUC, EER, accuracy and the AUC change from clean, then AUC per source."""
+    sources = sorted({source for row in table.values() for source in row["per_source"]})
+    width = max([8, *(len(source) for source in sources)]) if len(sources) > 1 else 0
+    header = f"{'perturbation':<12} {'AUC':>8} {'EER':>8} {'accuracy':>9} {'vs clean':>9}"
+    lines = [header + (" | AUC of " + " ".join(f"{s:>{width}}" for s in sources) if width else "")]
+    for name, row in table.items():
+        drop = "" if row["auc_vs_clean"] is None else f"{row['auc_vs_clean']:+.4f}"
+        line = f"{name:<12} {_fmt(row['auc']):>8} {_fmt(row['eer']):>8} {_fmt(row['accuracy']):>9} {drop:>9}"
+        if width:
+            line += " |        " + " ".join(f"{_fmt(row['per_source'].get(s, {}).get('auc')):>{width}}" for s in sources)
+        lines.append(line)
+    return lines
