@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -55,6 +56,16 @@ LEGACY_SCALE = 0  # "resize straight to H x W, no crop"
 
 SALIENCY_SOURCES = ("human", "proxy", "none")
 
+# Calibration and operating points (optional; the math is `core.thresholds`'). `calibration` maps the
+# score to the calibrated fake probability, sigmoid(a * logit(score) + b): "temperature" has a = 1 /
+# temperature and b = 0; "platt" fits both; no `calibration` (or "none") means probability = score.
+# `operating_points` names thresholds on that probability ({"eer": t, "fpr1": t, "fpr5": t} ...) and
+# which of them is the model's "default"; `threshold` is then the default point's threshold carried
+# back to the raw score, so `score >= threshold` and `probability >= operating_points[default]` agree.
+CALIBRATION_PARAMETERS = {"none": (), "temperature": ("temperature",), "platt": ("a", "b")}
+POSITIVE_PARAMETERS = ("temperature", "a")  # a calibration must keep the scores' order
+DEFAULT_POINT_KEY = "default"  # the key of operating_points that names the default point
+
 
 @dataclasses.dataclass(frozen=True)
 class Batching:
@@ -91,6 +102,8 @@ class ModelContract:
     class_names: tuple[str, ...] = CLASS_NAMES
     resize: str = RESIZE_METHOD
     scale: int = LEGACY_SCALE  # shorter side in pixels before the centre crop; 0: resize straight to H x W
+    calibration: dict[str, Any] | None = None  # {"method": "platt", "a": .., "b": ..}; None: probability = score
+    operating_points: dict[str, Any] | None = None  # {"eer": t, "fpr1": t, "fpr5": t, "default": "fpr1"}; t on the probability
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -154,6 +167,10 @@ class ModelContract:
             problems.append(f"tensor names {self.input_name}/{self.output_names} (expected {INPUT_NAME}/{OUTPUT_NAMES})")
         if self.input_dtype != INPUT_DTYPE or self.input_layout != INPUT_LAYOUT:
             problems.append(f"input {self.input_dtype} {self.input_layout} (expected {INPUT_DTYPE} {INPUT_LAYOUT})")
+        if self.calibration is not None:
+            problems += calibration_problems(self.calibration)
+        if self.operating_points is not None:
+            problems += operating_points_problems(self.operating_points)
         saliency = self.training.get("saliency", "none")
         if saliency not in SALIENCY_SOURCES:
             problems.append(f"training.saliency {saliency!r} (one of {', '.join(SALIENCY_SOURCES)})")
@@ -169,6 +186,41 @@ def called_fake(scores, threshold: float):
     Works on one score or on a numpy array of them (then an array of bools).
     """
     return scores >= threshold
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def calibration_problems(calibration: Any) -> list[str]:
+    """What is wrong with a model.json `calibration` object (empty when nothing is)."""
+    if not isinstance(calibration, dict) or calibration.get("method") not in CALIBRATION_PARAMETERS:
+        return [f"calibration {calibration!r} (an object with method one of {', '.join(CALIBRATION_PARAMETERS)})"]
+    method = calibration["method"]
+    expected = {"method", *CALIBRATION_PARAMETERS[method]}
+    if set(calibration) != expected:
+        return [f"calibration {calibration!r} (method {method} takes {', '.join(sorted(expected - {'method'})) or 'no parameters'})"]
+    bad = [key for key in CALIBRATION_PARAMETERS[method] if not _number(calibration[key]) or (key in POSITIVE_PARAMETERS and calibration[key] <= 0)]
+    return [f"calibration {key} {calibration[key]!r} (a finite number{', above 0' if key in POSITIVE_PARAMETERS else ''})" for key in bad]
+
+
+def operating_points_problems(points: Any) -> list[str]:
+    """What is wrong with a model.json `operating_points` object (empty when nothing is)."""
+    if not isinstance(points, dict):
+        return [f"operating_points {points!r} (an object of name: threshold and a default)"]
+    named = {name: value for name, value in points.items() if name != DEFAULT_POINT_KEY}
+    problems = []
+    for name, value in named.items():
+        try:
+            float(name)
+            problems.append(f"operating point name {name!r} (a number is read as a threshold, not a name)")
+        except ValueError:
+            pass
+        if not name or not _number(value) or not 0.0 <= value <= 1.0:
+            problems.append(f"operating point {name!r}: {value!r} (a threshold in [0, 1])")
+    if points.get(DEFAULT_POINT_KEY) not in named:
+        problems.append(f"operating_points.default {points.get(DEFAULT_POINT_KEY)!r} (one of {', '.join(named) or 'no named points'})")
+    return problems
 
 
 def output_shapes(batch: int, cam_shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:

@@ -50,6 +50,13 @@ def test_round_trip_and_checksums(tmp_path):
         ({"output_names": ("score", "logits")}, "tensor names"),
         ({"training": {"saliency": "guessed"}}, "training.saliency"),
         ({"name": "a/b"}, "name"),
+        ({"calibration": {"method": "isotonic"}}, "calibration"),
+        ({"calibration": {"method": "platt", "a": 1.0}}, "takes a, b"),
+        ({"calibration": {"method": "temperature", "temperature": 0.0}}, "above 0"),
+        ({"calibration": {"method": "platt", "a": 1.0, "b": float("nan")}}, "calibration b"),
+        ({"operating_points": {"eer": 0.5, "default": "fpr1"}}, "operating_points.default"),
+        ({"operating_points": {"eer": 1.5, "default": "eer"}}, "operating point 'eer'"),
+        ({"operating_points": {"0.5": 0.5, "default": "0.5"}}, "read as a threshold"),
     ],
 )
 def test_validation_names_the_problem(changes, message):
@@ -68,3 +75,17 @@ def test_unknown_keys_and_bad_json_are_refused(tmp_path):
         c.read_contract(tmp_path, verify=False)
     with pytest.raises(c.ContractError, match="no model.json"):
         c.read_contract(tmp_path / "absent")
+
+
+def test_calibration_and_operating_points_are_optional_and_round_trip(tmp_path):
+    (tmp_path / c.ONNX_FILE).write_bytes(b"onnx bytes")
+    legacy = make_contract(files={c.ONNX_FILE: c.sha256_file(tmp_path / c.ONNX_FILE)})
+    data = legacy.to_dict()
+    del data["calibration"], data["operating_points"]  # a model.json written before the fields existed
+    (tmp_path / c.CONTRACT_FILE).write_text(json.dumps(data))
+    assert c.read_contract(tmp_path) == legacy and legacy.calibration is None and legacy.operating_points is None
+
+    calibrated = dataclasses.replace(legacy, calibration={"method": "platt", "a": 0.7, "b": -0.2},
+                                     operating_points={"eer": 0.5, "fpr1": 0.9, "fpr5": 0.8, "default": "fpr1"})  # fmt: skip
+    c.write_contract(tmp_path, calibrated)
+    assert c.read_contract(tmp_path) == calibrated
