@@ -77,10 +77,24 @@ def overlay_png(cam: np.ndarray, picture: np.ndarray, alpha: float = OVERLAY_ALP
     return encode_png(np.clip(blended, 0, 255).round().astype(np.uint8))
 
 
-def render(kind: str, cam: np.ndarray, picture: np.ndarray) -> bytes:
-    """PNG bytes of heatmap `kind` ("png" or "overlay") for a picture uint8 [H,W,3]."""
+def render(kind: str, cam: np.ndarray, picture: np.ndarray, region: tuple[int, int, int, int] | None = None) -> bytes:
+    """PNG bytes of heatmap `kind` ("png" or "overlay") for a picture uint8 [H,W,3].
+
+    `region` (left, top, right, bottom) is the part of the picture the model saw (`core.images.input_region`);
+    the CAM is placed there and the rest of the picture carries no evidence (0 in "png", uncoloured in "overlay").
+    """
+    height, width = picture.shape[:2]
+    if kind not in ("png", "overlay"):
+        raise ValueError(f"no picture for heatmap kind {kind!r}")
+    if region is None or tuple(region) == (0, 0, width, height):
+        return grayscale_png(cam, width, height) if kind == "png" else overlay_png(cam, picture)
+    left, top, right, bottom = region
+    placed = upsample(cam, bottom - top, right - left)
     if kind == "png":
-        return grayscale_png(cam, picture.shape[1], picture.shape[0])
-    if kind == "overlay":
-        return overlay_png(cam, picture)
-    raise ValueError(f"no picture for heatmap kind {kind!r}")
+        canvas = np.zeros((height, width), dtype=np.uint8)
+        canvas[top:bottom, left:right] = (placed * 255).round().astype(np.uint8)
+        return encode_png(canvas)
+    blended = picture.copy()
+    inside = picture[top:bottom, left:right].astype(np.float32)
+    blended[top:bottom, left:right] = np.clip((1 - OVERLAY_ALPHA) * inside + OVERLAY_ALPHA * 255.0 * colormap(placed), 0, 255).round().astype(np.uint8)
+    return encode_png(blended)

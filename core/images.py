@@ -116,6 +116,17 @@ def prepare(image: Image.Image, contract: ModelContract) -> np.ndarray:
     return to_model_input(image, contract.input_height, contract.input_width, contract.scale)
 
 
+def input_region(size: tuple[int, int], contract: ModelContract) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of an image of `size` that `prepare` turns into the model's
+    input, in that image's own pixels: where a CAM belongs on the picture."""
+    if contract.scale == LEGACY_SCALE:
+        return (0, 0, *size)
+    scaled = scaled_size(size, contract.scale)
+    left, top, right, bottom = crop_box(scaled, contract.input_height, contract.input_width)
+    x, y = size[0] / scaled[0], size[1] / scaled[1]
+    return (round(left * x), round(top * y), round(right * x), round(bottom * y))
+
+
 def to_chw(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 

@@ -17,9 +17,11 @@ import numpy as np
 from PIL import Image
 
 from core import heatmaps
-from core.contract import CAM_OUTPUT, SCORE_OUTPUT, ModelContract
+from core.contract import CAM_OUTPUT, SCORE_OUTPUT, ModelContract, label_for
+from core.errors import UserError
+from core.thresholds import Calibration, resolve_operating_point
 from serving.errors import InvalidArgument, ModelNotFound, reason_of  # noqa: F401 (ModelNotFound: part of this API)
-from core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MIN_SIDE, decode_image, prepare
+from core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MIN_SIDE, decode_image, input_region, prepare
 from serving.metrics import Metrics
 from serving.repository import ModelRepository
 
@@ -36,18 +38,22 @@ class DetectRequest:
     version: int = 0  # 0 -> the latest loaded version
     heatmap: str = "none"  # none | grid | png | overlay
     deadline: float | None = None  # time.monotonic() deadline
+    operating_point: str = ""  # "" -> the model's default; a name the model records, or a number in [0, 1]
 
 
 @dataclasses.dataclass
 class DetectResult:
     model: str
     version: int
-    score: float
-    label: str
-    threshold: float
+    score: float  # the model's raw fake score
+    label: str  # "fake" when probability >= probability_threshold
+    threshold: float  # the operating point's threshold carried back to the raw score
     cam: np.ndarray  # float32 [h, w] in [0, 1], the model's CAM (returned for every heatmap kind)
     heatmap_png: bytes | None = None  # png / overlay: PNG at the image's size
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # decode_ms, queue_ms, compute_ms, total_ms
+    probability: float = 0.0  # the calibrated fake probability (the score itself for an uncalibrated model)
+    operating_point: str = ""  # the operating point used
+    probability_threshold: float = 0.0  # its threshold on the probability
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +109,10 @@ class DataPlane:
         try:
             if request.heatmap not in HEATMAP_KINDS:
                 raise InvalidArgument(f"heatmap {request.heatmap!r}: one of {', '.join(HEATMAP_KINDS)}")
+            try:
+                point = resolve_operating_point(request.operating_point, model.contract)
+            except UserError as error:
+                raise InvalidArgument(str(error)) from None
             with model.use():
                 loop = asyncio.get_running_loop()
                 contract = model.contract
@@ -116,18 +126,24 @@ class DataPlane:
                 cam = np.asarray(result.outputs[CAM_OUTPUT][0], dtype=np.float32)
                 png = None
                 if request.heatmap in ("png", "overlay"):
-                    png = await loop.run_in_executor(self.pool, heatmaps.render, request.heatmap, cam, picture)
+                    region = input_region((picture.shape[1], picture.shape[0]), contract)
+                    png = await loop.run_in_executor(self.pool, heatmaps.render, request.heatmap, cam, picture, region)
         except BaseException as error:
             self.metrics.request_failed(*labels, reason_of(error) if isinstance(error, Exception) else "cancelled")
             raise
         total = time.perf_counter() - started
         self.metrics.request_succeeded(*labels, total)
+        calibration = Calibration.of(contract)
+        probability = calibration.apply(score)
         return DetectResult(
             model=contract.name,
             version=contract.version,
             score=score,
-            label=contract.label(score),
-            threshold=float(contract.threshold),
+            probability=probability,
+            label=label_for(probability, point.threshold),
+            threshold=calibration.invert(point.threshold),
+            operating_point=point.name,
+            probability_threshold=point.threshold,
             cam=cam,
             heatmap_png=png,
             timings={

@@ -121,3 +121,21 @@ def test_checkpoint_and_contract_record_the_scale(tmp_path):
     state = Checkpoint(image_size=24)
     assert state.input_scale == 24
     assert dataclasses.replace(state, scale=32).input_scale == 32
+
+
+def test_the_cam_is_placed_where_the_model_looked():
+    import io
+
+    from core import heatmaps
+    from core.images import input_region
+
+    assert input_region((32, 32), contract(scale=0)) == (0, 0, 32, 32)
+    assert input_region((32, 32), contract(scale=32)) == (4, 4, 28, 28)
+    assert input_region((64, 128), contract(scale=32)) == (8, 40, 56, 88)  # scaled 32x64, crop at (4, 20)
+    picture = np.full((128, 64, 3), 100, dtype=np.uint8)
+    region = input_region((64, 128), contract(scale=32))
+    png = np.asarray(Image.open(io.BytesIO(heatmaps.render("png", np.ones((3, 3), np.float32), picture, region))))
+    assert png.shape == (128, 64) and png[40:88, 8:56].min() == 255
+    assert png[:40].max() == 0 and png[88:].max() == 0 and png[:, :8].max() == 0
+    overlay = np.asarray(Image.open(io.BytesIO(heatmaps.render("overlay", np.ones((3, 3), np.float32), picture, region))))
+    assert np.array_equal(overlay[:40], picture[:40]) and not np.array_equal(overlay[40:88, 8:56], picture[40:88, 8:56])
