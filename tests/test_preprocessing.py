@@ -139,3 +139,22 @@ def test_the_cam_is_placed_where_the_model_looked():
     assert png[:40].max() == 0 and png[88:].max() == 0 and png[:, :8].max() == 0
     overlay = np.asarray(Image.open(io.BytesIO(heatmaps.render("overlay", np.ones((3, 3), np.float32), picture, region))))
     assert np.array_equal(overlay[:40], picture[:40]) and not np.array_equal(overlay[40:88, 8:56], picture[40:88, 8:56])
+
+
+def test_adamw_and_cosine_schedule_are_built_from_the_config():
+    from training.config import TrainConfig
+    from training.trainer import build_optimizer, build_scheduler
+
+    model = torch.nn.Linear(2, 2)
+    config = TrainConfig(optimizer="adamw", schedule="cosine", lr=1e-3, epochs=4, weight_decay=0.05)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.05
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(1e-3) and rates == sorted(rates, reverse=True) and optimizer.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+    with pytest.raises(UserError, match="--optimizer"):
+        TrainConfig(optimizer="lbfgs").validate()

@@ -11,6 +11,8 @@ from core.errors import UserError
 
 GUIDANCE_METHODS = ("ce", "cyborg", "cam_diff", "rrr", "mask", "consistency", "mask_cyborg", "swap")  # registry order: training.guidance
 CAM_CLASSES = ("predicted", "true")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")
 # training.augment's changes, in the order it applies them; "everyday" names them all (a test keeps the two in step)
 AUGMENTATIONS = ("flip", "shift", "colour", "resize", "blur", "jpeg", "webp")
 
@@ -47,6 +49,8 @@ class TrainConfig:
     weight_decay: float = 1e-6
     lr_step: int = 12
     lr_gamma: float = 0.1
+    optimizer: str = "sgd"  # sgd (the paper) | adamw (weight_decay then is AdamW's decoupled decay)
+    schedule: str = "step"  # step: StepLR(lr_step, lr_gamma), the paper | cosine: cosine decay to 0 over the epochs
     # run
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
@@ -64,6 +68,10 @@ class TrainConfig:
             raise UserError(f"--guidance-weight {self.guidance_weight}: must be at least 0")
         if self.cam_class not in CAM_CLASSES:
             raise UserError(f"--cam-class {self.cam_class!r}: choose one of {', '.join(CAM_CLASSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         for name in ("epochs", "batch_size", "lr_step"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
