@@ -121,7 +121,7 @@ class ModelContract:
 
     def label(self, score: float) -> str:
         """The class name for a fake score under this model's threshold."""
-        return CLASS_NAMES[FAKE_INDEX] if called_fake(score, self.threshold) else CLASS_NAMES[REAL_INDEX]
+        return label_for(score, self.threshold)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,6 +186,11 @@ def called_fake(scores, threshold: float):
     Works on one score or on a numpy array of them (then an array of bools).
     """
     return scores >= threshold
+
+
+def label_for(value: float, threshold: float) -> str:
+    """The class name `called_fake` gives a score (or calibrated probability) at `threshold`."""
+    return CLASS_NAMES[FAKE_INDEX] if called_fake(value, threshold) else CLASS_NAMES[REAL_INDEX]
 
 
 def _number(value: Any) -> bool:

@@ -1,8 +1,8 @@
 """The Python client for cyborg's Detector API (`cyborg.v1.Detector`).
 
     with DetectorClient("localhost:8001") as client:
-        result = client.detect("face.jpg", heatmap="overlay")
-        print(result.score, result.label)
+        result = client.detect("face.jpg", heatmap="overlay", operating_point="fpr1")
+        print(result.probability, result.label)
         Path("face.cam.png").write_bytes(result.heatmap_png)
 
 Images go as encoded bytes (a path or bytes) or as uint8 RGB arrays ([3,H,W] or [H,W,3]); the
@@ -47,11 +47,14 @@ class Detection:
     """One image's result."""
 
     image: str  # the path, or "#<index>" for bytes and arrays
-    score: float  # probability that the image is fake
-    label: str  # "fake" or "real" under the model's threshold
-    threshold: float
+    score: float  # the model's raw fake score
+    label: str  # "fake" or "real" at the operating point (probability >= probability_threshold)
+    threshold: float  # the operating point's threshold on the raw score
     model: str
     version: int
+    probability: float = 0.0  # the calibrated probability that the image is fake
+    operating_point: str = ""  # the operating point used ("fpr1", "default", "0.7", ...)
+    probability_threshold: float = 0.0  # its threshold on the probability
     cam: np.ndarray | None = None  # heatmap="grid": float32 [h, w] in [0, 1]
     heatmap_png: bytes | None = None  # heatmap="png" or "overlay"
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -59,8 +62,10 @@ class Detection:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly fields (no heatmap bytes)."""
-        data = {k: getattr(self, k) for k in ("image", "score", "label", "threshold", "model", "version")}
-        data["score"], data["threshold"] = round(self.score, 6), round(self.threshold, 6)
+        fields = ("image", "score", "probability", "label", "operating_point", "threshold", "probability_threshold", "model", "version")
+        data = {k: getattr(self, k) for k in fields}
+        for key in ("score", "probability", "threshold", "probability_threshold"):
+            data[key] = round(data[key], 6)
         if self.cam is not None:
             data["cam"] = np.round(self.cam, 4).tolist()
         return data | {"timings_ms": {k: round(v, 3) for k, v in self.timings.items()}}
@@ -96,11 +101,15 @@ def image_name(image: ImageInput, index: int) -> str:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"#{index}"
 
 
-def detect_request(image: ImageInput, model: str = "", version: int = 0, heatmap: str = "none", id: str = "") -> pb.DetectRequest:
-    """The DetectRequest for a path, encoded bytes, or a uint8 RGB array."""
+def detect_request(
+    image: ImageInput, model: str = "", version: int = 0, heatmap: str = "none", id: str = "", operating_point: str | float = ""
+) -> pb.DetectRequest:
+    """The DetectRequest for a path, encoded bytes, or a uint8 RGB array; `operating_point` is a name
+    the model records ("eer", "fpr1", "fpr5"), a threshold in [0, 1], or "" for the model's default."""
     if heatmap not in HEATMAPS:
         raise ValueError(f"heatmap {heatmap!r}: one of {', '.join(HEATMAPS)}")
-    request = pb.DetectRequest(model=model or "", version=int(version or 0), heatmap=HEATMAPS[heatmap], id=id)
+    request = pb.DetectRequest(model=model or "", version=int(version or 0), heatmap=HEATMAPS[heatmap], id=id,
+                               operating_point=str(operating_point))  # fmt: skip
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ValueError(f"array dtype {image.dtype}: send uint8 RGB pixels")
@@ -125,8 +134,11 @@ def _result(response: pb.DetectResponse, name: str) -> Detection | DetectionErro
     return Detection(
         image=name,
         score=float(response.score),
+        probability=float(response.probability),
         label=response.label,
         threshold=float(response.threshold),
+        operating_point=response.operating_point,
+        probability_threshold=float(response.probability_threshold),
         model=response.model,
         version=int(response.version),
         cam=cam,
@@ -171,22 +183,28 @@ class DetectorClient:
         self.stub = pb_grpc.DetectorStub(self.channel)
 
     # ---- calls -------------------------------------------------------------------------------
-    def detect(self, image: ImageInput, *, model: str = "", version: int = 0, heatmap: str = "none", timeout: float | None = None) -> Detection:
+    def detect(
+        self, image: ImageInput, *, model: str = "", version: int = 0, heatmap: str = "none", operating_point: str | float = "",
+        timeout: float | None = None,
+    ) -> Detection:
         """Score one image; raises ClientError (e.g. INVALID_ARGUMENT naming the problem) on failure."""
-        request = detect_request(image, model, version, heatmap)
+        request = detect_request(image, model, version, heatmap, operating_point=operating_point)
         response = self._unary(self.stub.Detect, request, timeout)
         return _result(response, image_name(image, 0))
 
     def detect_batch(
-        self, images: Sequence[ImageInput], *, model: str = "", version: int = 0, heatmap: str = "none", timeout: float | None = None
+        self, images: Sequence[ImageInput], *, model: str = "", version: int = 0, heatmap: str = "none", operating_point: str | float = "",
+        timeout: float | None = None,
     ) -> list[Detection | DetectionError]:
         """Score many images in one call; one result (or DetectionError) per image, in order."""
-        request = pb.DetectBatchRequest(requests=[detect_request(image, model, version, heatmap) for image in images])
+        requests = [detect_request(image, model, version, heatmap, operating_point=operating_point) for image in images]
+        request = pb.DetectBatchRequest(requests=requests)
         response = self._unary(self.stub.DetectBatch, request, timeout)
         return [_result(item, image_name(image, i)) for i, (image, item) in enumerate(zip(images, response.responses))]
 
     def stream(
-        self, images: Iterable[ImageInput], *, model: str = "", version: int = 0, heatmap: str = "none", timeout: float | None = None
+        self, images: Iterable[ImageInput], *, model: str = "", version: int = 0, heatmap: str = "none", operating_point: str | float = "",
+        timeout: float | None = None,
     ) -> Iterator[Detection | DetectionError]:
         """Score images over one bidirectional stream, yielding results in order as they arrive.
 
@@ -197,7 +215,7 @@ class DetectorClient:
         def requests() -> Iterator[pb.DetectRequest]:
             for index, image in enumerate(images):
                 names[str(index)] = image_name(image, index)
-                yield detect_request(image, model, version, heatmap, id=str(index))
+                yield detect_request(image, model, version, heatmap, id=str(index), operating_point=operating_point)
 
         call = self.stub.DetectStream(requests(), timeout=timeout, metadata=self.metadata)
         try:
@@ -244,5 +262,8 @@ def model_info(info: pb.ModelInfo) -> dict[str, Any]:
                       "threshold", "saliency", "backend", "device")  # fmt: skip
     }
     data["threshold"] = round(float(info.threshold), 6)
+    data["operating_points"] = {name: round(float(value), 6) for name, value in sorted(info.operating_points.items())}
+    data["default_operating_point"] = info.default_operating_point
+    data["calibration"] = info.calibration
     data["contract"] = json.loads(info.contract_json) if info.contract_json else None
     return data

@@ -9,6 +9,8 @@ import time
 import grpc
 import numpy as np
 
+from core.contract import DEFAULT_POINT_KEY
+from core.thresholds import LEGACY_POINT
 from serving.dataplane import DataPlane, DetectRequest, DetectResult
 from serving.errors import InvalidArgument, status_of
 from serving.proto.cyborg.v1 import detector_pb2 as pb
@@ -57,6 +59,7 @@ def to_request(message: pb.DetectRequest, deadline: float | None) -> DetectReque
         version=message.version,
         heatmap=HEATMAPS[message.heatmap],
         deadline=deadline,
+        operating_point=message.operating_point,
     )
 
 
@@ -64,8 +67,11 @@ def to_response(result: DetectResult, request_id: str, heatmap: str) -> pb.Detec
     response = pb.DetectResponse(
         id=request_id,
         score=result.score,
+        probability=result.probability,
         label=result.label,
         threshold=result.threshold,
+        operating_point=result.operating_point,
+        probability_threshold=result.probability_threshold,
         model=result.model,
         version=result.version,
         timings=pb.Timings(**result.timings),
@@ -147,6 +153,8 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 def model_info(model) -> pb.ModelInfo:
     """A loaded model's contract (and engine) as a ModelInfo message."""
     contract = model.contract
+    points = dict(contract.operating_points or {})
+    default = points.pop(DEFAULT_POINT_KEY, LEGACY_POINT)
     return pb.ModelInfo(
         name=contract.name,
         version=contract.version,
@@ -160,6 +168,9 @@ def model_info(model) -> pb.ModelInfo:
         backend=model.backend.name,
         device=model.backend.device,
         contract_json=json.dumps(contract.to_dict(), sort_keys=True),
+        operating_points=points or {LEGACY_POINT: contract.threshold},
+        default_operating_point=default,
+        calibration=(contract.calibration or {}).get("method", "none"),
     )
 
 

@@ -97,6 +97,8 @@ def write_model_version(
     seed: int | None = None,
     threshold: float = 0.5,
     batching: c.Batching = c.Batching(max_batch_size=16, max_queue_delay_ms=2.0, max_queue_size=256),
+    calibration: dict | None = None,
+    operating_points: dict | None = None,
 ) -> Path:
     """Write one version folder (model.onnx then model.json, the order export uses); returns it."""
     folder = Path(root) / name / str(version)
@@ -118,6 +120,8 @@ def write_model_version(
         files={c.ONNX_FILE: c.sha256_file(onnx_path)},
         batching=batching,
         created=c.utc_now(),
+        calibration=calibration,
+        operating_points=operating_points,
     )
     c.write_contract(folder, contract)
     return folder

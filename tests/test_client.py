@@ -174,11 +174,12 @@ def test_token_and_tls(repository, tmp_path):
 def test_detect_table(server, repository, files, capsys):
     assert main(["detect", *map(str, files["good"]), "--server", server.address]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["image", "score", "label", "model", "version"]
+    assert lines[0].split() == ["image", "score", "probability", "label", "point", "model", "version"]
     for line, path in zip(lines[1:], files["good"]):
-        image, score, label, model, version = line.split()
+        image, score, probability, label, point, model, version = line.split()
         assert image == str(path) and (model, version) == ("tiny", "1") and label in ("real", "fake")
         assert float(score) == pytest.approx(expected_score(repository, path.read_bytes()), abs=1e-4)
+        assert probability == score and point == "default"  # a model.json without calibration: the score itself
 
 
 def test_detect_json_heatmaps_and_per_image_errors(server, files, tmp_path, capsys):
@@ -189,7 +190,8 @@ def test_detect_json_heatmaps_and_per_image_errors(server, files, tmp_path, caps
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["image"] for row in rows] == [str(n) for n in names]
     good, text, missing = rows[0], rows[1], rows[2]
-    assert {"image", "score", "label", "model", "version", "heatmap"} <= set(good)
+    assert {"image", "score", "probability", "label", "operating_point", "model", "version", "heatmap"} <= set(good)
+    assert good["probability"] == good["score"] and good["operating_point"] == "default"
     assert (good["model"], good["version"]) == ("tiny", 1) and 0.0 <= good["score"] <= 1.0
     assert text["code"] == "INVALID_ARGUMENT" and "not a recognised image format" in text["error"]
     assert missing["code"] == "NOT_FOUND" and "missing.png" in missing["error"]

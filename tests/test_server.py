@@ -63,6 +63,9 @@ def test_detect_image_and_tensor_match_onnxruntime(stub, repository):
     assert by_image.score == pytest.approx(expected["score"][0], abs=1e-6)
     assert by_tensor.score == pytest.approx(expected["score"][1], abs=1e-6)
     assert by_image.label == ("fake" if by_image.score >= 0.5 else "real") and by_image.threshold == 0.5
+    # A model.json without calibration or operating points serves as it always did: probability = score.
+    assert by_image.probability == by_image.score and by_image.probability_threshold == 0.5
+    assert by_image.operating_point == "default"
     assert by_image.timings.total_ms >= by_image.timings.compute_ms > 0 and not by_image.HasField("heatmap")
 
 

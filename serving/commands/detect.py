@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"HOST:PORT of the server (default: $CYBORG_SERVER or {DEFAULT_SERVER})")  # fmt: skip
     parser.add_argument("--model", default="", help="model name (default: the server's default model)")
     parser.add_argument("--version", type=int, default=0, help="model version (default: the latest)")
+    parser.add_argument("--operating-point", default="", metavar="NAME|NUMBER",
+                        help="the threshold that decides the label: a name the model records (eer, fpr1, fpr5) or a "
+                             "threshold in [0, 1] on the calibrated probability (default: the model's default)")
     parser.add_argument("--heatmap", type=Path, metavar="DIR", help="write each image's CAM overlay PNG into DIR")
     parser.add_argument("--json", action="store_true", help="print one JSON object a line instead of a table")
     parser.add_argument("--tls-ca", type=Path, metavar="FILE", help="CA certificate (PEM): connect with TLS")
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise UserError(f"--{flag.replace('_', '-')} {path}: no such file")
+    check_operating_point(args.operating_point)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError("--tls-cert and --tls-key go together (mutual TLS)")
     token = read_token(args.token_file) if args.token_file else None
@@ -77,7 +81,7 @@ def send(client, args: argparse.Namespace, printer, outputs: HeatmapNames | None
             except OSError as error:
                 outcomes[index] = DetectionError(name, "NOT_FOUND", f"{name}: cannot read ({error.strerror})")
         if data:
-            options = {"model": args.model, "version": args.version, "heatmap": heatmap}
+            options = {"model": args.model, "version": args.version, "heatmap": heatmap, "operating_point": args.operating_point}
             try:
                 try:
                     results = client.detect_batch(list(data.values()), **options)
@@ -91,6 +95,8 @@ def send(client, args: argparse.Namespace, printer, outputs: HeatmapNames | None
         for index, name in enumerate(chunk):
             result = outcomes[index]
             result.image = name
+            if isinstance(result, DetectionError) and result.message.startswith("operating point"):
+                raise UserError(f"--operating-point: {result.message}")  # the choice, not the image, is wrong
             if isinstance(result, DetectionError):
                 failures += 1
                 printer.error(result)
@@ -113,6 +119,18 @@ def one_by_one(client, data: bytes, options: dict):
         if error.code.name in FATAL:
             raise
         return DetectionError("", error.code.name, str(error).partition(": ")[2])
+
+
+def check_operating_point(choice: str) -> None:
+    """Refuse a number outside [0, 1] before sending anything (names are checked by the server)."""
+    from core.errors import UserError
+
+    try:
+        value = float(choice)
+    except ValueError:
+        return
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"--operating-point {choice}: a threshold must be a number in [0, 1]")
 
 
 def read_token(path: Path) -> str:
@@ -176,17 +194,18 @@ class JsonPrinter:
 class TablePrinter:
     """Rows collected, then printed with aligned columns; errors also go to stderr."""
 
-    HEADER = ("image", "score", "label", "model", "version", "heatmap")
+    HEADER = ("image", "score", "probability", "label", "point", "model", "version", "heatmap")
 
     def __init__(self) -> None:
         self.rows: list[tuple[str, ...]] = []
 
     def result(self, result, heatmap: Path | None) -> None:
-        row = (result.image, f"{result.score:.4f}", result.label, result.model, str(result.version), str(heatmap or ""))
+        row = (result.image, f"{result.score:.4f}", f"{result.probability:.4f}", result.label, result.operating_point, result.model,
+               str(result.version), str(heatmap or ""))  # fmt: skip
         self.rows.append(row)
 
     def error(self, error) -> None:
-        self.rows.append((error.image, "-", "error", error.message, "", ""))
+        self.rows.append((error.image, "-", "-", "error", "", error.message, "", ""))
         print(f"cyborg detect: {error.image}: {error.message}", file=sys.stderr)
 
     def finish(self) -> None:

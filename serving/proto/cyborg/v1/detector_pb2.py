@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&serving/proto/cyborg/v1/detector.proto\x12\tcyborg.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xa3\x01\n\rDetectRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x11.cyborg.v1.TensorH\x00\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\'\n\x07heatmap\x18\x05 \x01(\x0e\x32\x16.cyborg.v1.HeatmapKind\x12\n\n\x02id\x18\x06 \x01(\tB\x07\n\x05input\")\n\x04Grid\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x12\n\x06values\x18\x02 \x03(\x02\x42\x02\x10\x01\"[\n\x07Heatmap\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.cyborg.v1.HeatmapKind\x12\x1d\n\x04grid\x18\x02 \x01(\x0b\x32\x0f.cyborg.v1.Grid\x12\x0b\n\x03png\x18\x03 \x01(\x0c\"T\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd8\x01\n\x0e\x44\x65tectResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12#\n\x07heatmap\x18\x07 \x01(\x0b\x32\x12.cyborg.v1.Heatmap\x12#\n\x07timings\x18\x08 \x01(\x0b\x32\x12.cyborg.v1.Timings\x12\x1f\n\x05\x65rror\x18\t \x01(\x0b\x32\x10.cyborg.v1.Error\"@\n\x12\x44\x65tectBatchRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.cyborg.v1.DetectRequest\"C\n\x13\x44\x65tectBatchResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.cyborg.v1.DetectResponse\"\x13\n\x11ListModelsRequest\"Q\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.cyborg.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xef\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x14\n\x0cinput_height\x18\x04 \x01(\x03\x12\x13\n\x0binput_width\x18\x05 \x01(\x03\x12\x12\n\ncam_height\x18\x06 \x01(\x03\x12\x11\n\tcam_width\x18\x07 \x01(\x03\x12\x11\n\tthreshold\x18\x08 \x01(\x02\x12\x10\n\x08saliency\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x15\n\rcontract_json\x18\x0c \x01(\t*W\n\x0bHeatmapKind\x12\x10\n\x0cHEATMAP_NONE\x10\x00\x12\x10\n\x0cHEATMAP_GRID\x10\x01\x12\x0f\n\x0bHEATMAP_PNG\x10\x02\x12\x13\n\x0fHEATMAP_OVERLAY\x10\x03\x32\xf3\x02\n\x08\x44\x65tector\x12?\n\x06\x44\x65tect\x12\x18.cyborg.v1.DetectRequest\x1a\x19.cyborg.v1.DetectResponse\"\x00\x12N\n\x0b\x44\x65tectBatch\x12\x1d.cyborg.v1.DetectBatchRequest\x1a\x1e.cyborg.v1.DetectBatchResponse\"\x00\x12I\n\x0c\x44\x65tectStream\x12\x18.cyborg.v1.DetectRequest\x1a\x19.cyborg.v1.DetectResponse\"\x00(\x01\x30\x01\x12K\n\nListModels\x12\x1c.cyborg.v1.ListModelsRequest\x1a\x1d.cyborg.v1.ListModelsResponse\"\x00\x12>\n\x08GetModel\x12\x1a.cyborg.v1.GetModelRequest\x1a\x14.cyborg.v1.ModelInfo\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&serving/proto/cyborg/v1/detector.proto\x12\tcyborg.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xbc\x01\n\rDetectRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x11.cyborg.v1.TensorH\x00\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\'\n\x07heatmap\x18\x05 \x01(\x0e\x32\x16.cyborg.v1.HeatmapKind\x12\n\n\x02id\x18\x06 \x01(\t\x12\x17\n\x0foperating_point\x18\x07 \x01(\tB\x07\n\x05input\")\n\x04Grid\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x12\n\x06values\x18\x02 \x03(\x02\x42\x02\x10\x01\"[\n\x07Heatmap\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.cyborg.v1.HeatmapKind\x12\x1d\n\x04grid\x18\x02 \x01(\x0b\x32\x0f.cyborg.v1.Grid\x12\x0b\n\x03png\x18\x03 \x01(\x0c\"T\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa5\x02\n\x0e\x44\x65tectResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12#\n\x07heatmap\x18\x07 \x01(\x0b\x32\x12.cyborg.v1.Heatmap\x12#\n\x07timings\x18\x08 \x01(\x0b\x32\x12.cyborg.v1.Timings\x12\x1f\n\x05\x65rror\x18\t \x01(\x0b\x32\x10.cyborg.v1.Error\x12\x13\n\x0bprobability\x18\n \x01(\x02\x12\x17\n\x0foperating_point\x18\x0b \x01(\t\x12\x1d\n\x15probability_threshold\x18\x0c \x01(\x02\"@\n\x12\x44\x65tectBatchRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.cyborg.v1.DetectRequest\"C\n\x13\x44\x65tectBatchResponse\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.cyborg.v1.DetectResponse\"\x13\n\x11ListModelsRequest\"Q\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.cyborg.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xa2\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x14\n\x0cinput_height\x18\x04 \x01(\x03\x12\x13\n\x0binput_width\x18\x05 \x01(\x03\x12\x12\n\ncam_height\x18\x06 \x01(\x03\x12\x11\n\tcam_width\x18\x07 \x01(\x03\x12\x11\n\tthreshold\x18\x08 \x01(\x02\x12\x10\n\x08saliency\x18\t \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x15\n\rcontract_json\x18\x0c \x01(\t\x12\x43\n\x10operating_points\x18\r \x03(\x0b\x32).cyborg.v1.ModelInfo.OperatingPointsEntry\x12\x1f\n\x17\x64\x65\x66\x61ult_operating_point\x18\x0e \x01(\t\x12\x13\n\x0b\x63\x61libration\x18\x0f \x01(\t\x1a\x36\n\x14OperatingPointsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01*W\n\x0bHeatmapKind\x12\x10\n\x0cHEATMAP_NONE\x10\x00\x12\x10\n\x0cHEATMAP_GRID\x10\x01\x12\x0f\n\x0bHEATMAP_PNG\x10\x02\x12\x13\n\x0fHEATMAP_OVERLAY\x10\x03\x32\xf3\x02\n\x08\x44\x65tector\x12?\n\x06\x44\x65tect\x12\x18.cyborg.v1.DetectRequest\x1a\x19.cyborg.v1.DetectResponse\"\x00\x12N\n\x0b\x44\x65tectBatch\x12\x1d.cyborg.v1.DetectBatchRequest\x1a\x1e.cyborg.v1.DetectBatchResponse\"\x00\x12I\n\x0c\x44\x65tectStream\x12\x18.cyborg.v1.DetectRequest\x1a\x19.cyborg.v1.DetectResponse\"\x00(\x01\x30\x01\x12K\n\nListModels\x12\x1c.cyborg.v1.ListModelsRequest\x1a\x1d.cyborg.v1.ListModelsResponse\"\x00\x12>\n\x08GetModel\x12\x1a.cyborg.v1.GetModelRequest\x1a\x14.cyborg.v1.ModelInfo\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GRID'].fields_by_name['values']._loaded_options = None
   _globals['_GRID'].fields_by_name['values']._serialized_options = b'\020\001'
-  _globals['_HEATMAPKIND']._serialized_start=1286
-  _globals['_HEATMAPKIND']._serialized_end=1373
+  _globals['_MODELINFO_OPERATINGPOINTSENTRY']._loaded_options = None
+  _globals['_MODELINFO_OPERATINGPOINTSENTRY']._serialized_options = b'8\001'
+  _globals['_HEATMAPKIND']._serialized_start=1567
+  _globals['_HEATMAPKIND']._serialized_end=1654
   _globals['_TENSOR']._serialized_start=53
   _globals['_TENSOR']._serialized_end=105
   _globals['_DETECTREQUEST']._serialized_start=108
-  _globals['_DETECTREQUEST']._serialized_end=271
-  _globals['_GRID']._serialized_start=273
-  _globals['_GRID']._serialized_end=314
-  _globals['_HEATMAP']._serialized_start=316
-  _globals['_HEATMAP']._serialized_end=407
-  _globals['_TIMINGS']._serialized_start=409
-  _globals['_TIMINGS']._serialized_end=493
-  _globals['_ERROR']._serialized_start=495
-  _globals['_ERROR']._serialized_end=533
-  _globals['_DETECTRESPONSE']._serialized_start=536
-  _globals['_DETECTRESPONSE']._serialized_end=752
-  _globals['_DETECTBATCHREQUEST']._serialized_start=754
-  _globals['_DETECTBATCHREQUEST']._serialized_end=818
-  _globals['_DETECTBATCHRESPONSE']._serialized_start=820
-  _globals['_DETECTBATCHRESPONSE']._serialized_end=887
-  _globals['_LISTMODELSREQUEST']._serialized_start=889
-  _globals['_LISTMODELSREQUEST']._serialized_end=908
-  _globals['_LISTMODELSRESPONSE']._serialized_start=910
-  _globals['_LISTMODELSRESPONSE']._serialized_end=991
-  _globals['_GETMODELREQUEST']._serialized_start=993
-  _globals['_GETMODELREQUEST']._serialized_end=1042
-  _globals['_MODELINFO']._serialized_start=1045
-  _globals['_MODELINFO']._serialized_end=1284
-  _globals['_DETECTOR']._serialized_start=1376
-  _globals['_DETECTOR']._serialized_end=1747
+  _globals['_DETECTREQUEST']._serialized_end=296
+  _globals['_GRID']._serialized_start=298
+  _globals['_GRID']._serialized_end=339
+  _globals['_HEATMAP']._serialized_start=341
+  _globals['_HEATMAP']._serialized_end=432
+  _globals['_TIMINGS']._serialized_start=434
+  _globals['_TIMINGS']._serialized_end=518
+  _globals['_ERROR']._serialized_start=520
+  _globals['_ERROR']._serialized_end=558
+  _globals['_DETECTRESPONSE']._serialized_start=561
+  _globals['_DETECTRESPONSE']._serialized_end=854
+  _globals['_DETECTBATCHREQUEST']._serialized_start=856
+  _globals['_DETECTBATCHREQUEST']._serialized_end=920
+  _globals['_DETECTBATCHRESPONSE']._serialized_start=922
+  _globals['_DETECTBATCHRESPONSE']._serialized_end=989
+  _globals['_LISTMODELSREQUEST']._serialized_start=991
+  _globals['_LISTMODELSREQUEST']._serialized_end=1010
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1012
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1093
+  _globals['_GETMODELREQUEST']._serialized_start=1095
+  _globals['_GETMODELREQUEST']._serialized_end=1144
+  _globals['_MODELINFO']._serialized_start=1147
+  _globals['_MODELINFO']._serialized_end=1565
+  _globals['_MODELINFO_OPERATINGPOINTSENTRY']._serialized_start=1511
+  _globals['_MODELINFO_OPERATINGPOINTSENTRY']._serialized_end=1565
+  _globals['_DETECTOR']._serialized_start=1657
+  _globals['_DETECTOR']._serialized_end=2028
 # @@protoc_insertion_point(module_scope)

@@ -29,20 +29,22 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class DetectRequest(_message.Message):
-    __slots__ = ("image", "tensor", "model", "version", "heatmap", "id")
+    __slots__ = ("image", "tensor", "model", "version", "heatmap", "id", "operating_point")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     tensor: Tensor
     model: str
     version: int
     heatmap: HeatmapKind
     id: str
-    def __init__(self, image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., heatmap: _Optional[_Union[HeatmapKind, str]] = ..., id: _Optional[str] = ...) -> None: ...
+    operating_point: str
+    def __init__(self, image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., heatmap: _Optional[_Union[HeatmapKind, str]] = ..., id: _Optional[str] = ..., operating_point: _Optional[str] = ...) -> None: ...
 
 class Grid(_message.Message):
     __slots__ = ("shape", "values")
@@ -83,7 +85,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DetectResponse(_message.Message):
-    __slots__ = ("id", "score", "label", "threshold", "model", "version", "heatmap", "timings", "error")
+    __slots__ = ("id", "score", "label", "threshold", "model", "version", "heatmap", "timings", "error", "probability", "operating_point", "probability_threshold")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +95,9 @@ class DetectResponse(_message.Message):
     HEATMAP_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     label: str
@@ -102,7 +107,10 @@ class DetectResponse(_message.Message):
     heatmap: Heatmap
     timings: Timings
     error: Error
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., heatmap: _Optional[_Union[Heatmap, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    probability: float
+    operating_point: str
+    probability_threshold: float
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., heatmap: _Optional[_Union[Heatmap, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., probability: _Optional[float] = ..., operating_point: _Optional[str] = ..., probability_threshold: _Optional[float] = ...) -> None: ...
 
 class DetectBatchRequest(_message.Message):
     __slots__ = ("requests",)
@@ -137,7 +145,14 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "input_height", "input_width", "cam_height", "cam_width", "threshold", "saliency", "backend", "device", "contract_json")
+    __slots__ = ("name", "version", "architecture", "input_height", "input_width", "cam_height", "cam_width", "threshold", "saliency", "backend", "device", "contract_json", "operating_points", "default_operating_point", "calibration")
+    class OperatingPointsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +165,9 @@ class ModelInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_JSON_FIELD_NUMBER: _ClassVar[int]
+    OPERATING_POINTS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     architecture: str
@@ -162,4 +180,7 @@ class ModelInfo(_message.Message):
     backend: str
     device: str
     contract_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., architecture: _Optional[str] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., cam_height: _Optional[int] = ..., cam_width: _Optional[int] = ..., threshold: _Optional[float] = ..., saliency: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., contract_json: _Optional[str] = ...) -> None: ...
+    operating_points: _containers.ScalarMap[str, float]
+    default_operating_point: str
+    calibration: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., architecture: _Optional[str] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., cam_height: _Optional[int] = ..., cam_width: _Optional[int] = ..., threshold: _Optional[float] = ..., saliency: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., contract_json: _Optional[str] = ..., operating_points: _Optional[_Mapping[str, float]] = ..., default_operating_point: _Optional[str] = ..., calibration: _Optional[str] = ...) -> None: ...
