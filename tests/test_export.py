@@ -14,7 +14,7 @@ from core import contract as c
 from tests.datasets import make_face_image
 from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from core.thresholds import equal_error_rate
+from core.thresholds import Calibration, equal_error_rate, expected_calibration_error
 from training.evaluate import binary_metrics
 from training.model import cam_grid, create_classifier, fake_probability
 
@@ -106,7 +106,19 @@ def test_layout_contract_and_checksums(exported, tmp_path):
     assert list(contract.cam_shape) == state["cam_grid"]
     assert contract.mean == pytest.approx(state["mean"]) and contract.std == pytest.approx(state["std"])
     labels, scores = np.array(state["val_predictions"]["labels"]), np.array(state["val_predictions"]["scores"])
-    assert contract.threshold == pytest.approx(equal_error_rate(labels, scores)[1])
+    # Calibrated on the validation predictions; the default operating point is fpr1 on the calibrated probability.
+    calibration = Calibration.from_dict(contract.calibration)
+    points = contract.operating_points
+    assert set(points) == {"eer", "fpr1", "fpr5", "default"} and points["default"] == "fpr1"
+    probabilities = calibration.apply(scores)
+    assert (probabilities[labels == 0] >= points["fpr1"]).mean() <= 0.01
+    assert np.array_equal(scores >= contract.threshold, probabilities >= points["fpr1"])
+    assert points["eer"] == pytest.approx(calibration.apply(equal_error_rate(labels, scores)[1]))
+    report = contract.metrics["calibration"]
+    assert report["method"] == contract.calibration["method"] and set(report["compared"]) <= {"none", "temperature", "platt"}
+    assert report["ece_after"] == pytest.approx(expected_calibration_error(labels, probabilities))
+    assert report["log_loss_after"] <= report["log_loss_before"] + 1e-9 or report["method"] == "none"
+    assert contract.metrics["threshold"]["rule"] == "fpr:0.01" and contract.metrics["operating_points"]["fpr5"]["fpr"] <= 0.05
     assert contract.metrics["validation"]["auc"] == pytest.approx(state["val_metrics"]["auc"])
     assert contract.metrics["export"]["exporter"] == "dynamo"
     training = contract.training
@@ -316,6 +328,7 @@ def test_bad_checkpoints_are_refused(exported, tmp_path, capsys, damage, message
     (["--name", "det", "--version", "0"], "--version"),
     (["--name", "a/b", "--version", "1"], "--name"),
     (["--name", "det", "--version", "1", "--bench"], "--int8"),
+    (["--name", "det", "--version", "1", "--calibrate", "isotonic"], "--calibrate"),
 ])
 def test_bad_flags_are_refused(exported, tmp_path, capsys, flags, message):
     assert export(exported[1], "--repository", tmp_path / "models", *flags) == 2
@@ -341,3 +354,27 @@ def test_threshold_rules_use_validation_predictions():
     assert choose_threshold("0.3", state) == (0.3, {"rule": "fixed", "value": 0.3})
     with pytest.raises(Exception, match="both classes"):
         choose_threshold("fpr:0.1", {"val_predictions": {"labels": [1, 1], "scores": [0.2, 0.9]}})
+
+
+def test_scoring_calibrates_and_records_every_operating_point():
+    from training.export import choose_scoring
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 300)
+    scores = 1 / (1 + np.exp(-(3 * rng.normal(2.0 * labels - 1.0, 1.0) + 1.0)))  # overconfident, biased to fake
+    state = {"val_predictions": {"labels": labels.tolist(), "scores": scores.tolist()}}
+    scoring = choose_scoring("fpr1", "auto", state)
+    assert scoring.calibration["method"] == "platt" and scoring.operating_points["default"] == "fpr1"
+    report = scoring.metrics["calibration"]
+    assert report["ece_after"] < report["ece_before"] and report["log_loss_after"] < report["log_loss_before"]
+    assert report["compared"]["platt"]["cv_log_loss"] < report["compared"]["temperature"]["cv_log_loss"]
+    assert scoring.threshold_info["fpr"] <= 0.01
+    for method in ("temperature", "none"):
+        assert choose_scoring("eer", method, state).calibration["method"] == method
+    fixed = choose_scoring("0.8", "platt", state)
+    assert fixed.operating_points["default"] == "fixed" and fixed.operating_points["fixed"] == 0.8
+    # A checkpoint without validation predictions: the threshold alone (no calibration to fit).
+    bare = choose_scoring("fpr1", "auto", {"val_metrics": {"eer_threshold": 0.4}})
+    assert (bare.threshold, bare.calibration, bare.operating_points) == (0.4, None, None)
+    with pytest.raises(Exception, match="--calibrate platt"):
+        choose_scoring("fpr1", "platt", {"val_metrics": {"eer_threshold": 0.4}})

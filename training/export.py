@@ -25,7 +25,18 @@ import numpy as np
 from core import contract as c
 from core.errors import UserError
 from core.images import load_images, spread
-from core.thresholds import fixed_threshold, operating_point
+from core.thresholds import (
+    CALIBRATION_CHOICES,
+    DEFAULT_OPERATING_POINT,
+    compare_calibrations,
+    expected_calibration_error,
+    fit_calibration,
+    fit_operating_points,
+    fixed_threshold,
+    log_loss,
+    operating_point,
+    point_rule,
+)
 from training.checkpoint import Checkpoint, as_checkpoint, read_checkpoint
 from training.publish import make_readable, publish, replace_file
 
@@ -46,7 +57,8 @@ class ExportRequest:
     force: bool = False
     calibration_data: Path | None = None
     calibration_images: int = 64
-    threshold: str = "eer"
+    threshold: str = DEFAULT_OPERATING_POINT  # the default operating point's rule
+    calibrate: str = "auto"  # score calibration: auto | none | temperature | platt (not int8's calibration_data)
     bench: bool = False
 
     def validate(self) -> None:
@@ -56,6 +68,9 @@ class ExportRequest:
             raise UserError(f"--version {self.version}: must be a positive integer (Triton's version folders)")
         if self.calibration_data is not None and not self.int8:
             raise UserError("--calibration-data only applies with --int8")
+        if self.calibrate not in CALIBRATION_CHOICES:
+            raise UserError(f"--calibrate {self.calibrate!r}: one of {', '.join(CALIBRATION_CHOICES)}")
+        fixed_threshold(point_rule(self.threshold))  # a bad rule is refused before any work
         if self.calibration_images < 1:
             raise UserError(f"--calibration-images {self.calibration_images}: must be at least 1")
         if self.bench and not self.int8:
@@ -75,7 +90,9 @@ class ExportRequest:
 
 
 def choose_threshold(rule: str, state: Checkpoint | dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """(threshold, description) from `rule`: "eer", "fpr:F" (largest TPR with FPR ≤ F) or a number."""
+    """(threshold on the raw score, description) from `rule`: "eer", "fpr:F" / "fprN" (largest TPR
+    with FPR ≤ F) or a number; without calibration (`choose_scoring` calibrates)."""
+    rule = point_rule(rule)
     value = fixed_threshold(rule)
     if value is not None:
         return value, {"rule": "fixed", "value": value}
@@ -83,11 +100,51 @@ def choose_threshold(rule: str, state: Checkpoint | dict[str, Any]) -> tuple[flo
     labels, scores = checkpoint.val_predictions.labelled_scores()
     if labels is None or len(set(labels.tolist())) < 2:
         fallback = checkpoint.val_metrics.get("eer_threshold")
-        if rule.strip().lower() == "eer" and fallback is not None:
+        if rule in ("eer", point_rule(DEFAULT_OPERATING_POINT)) and fallback is not None:
             log.warning("checkpoint has no usable val_predictions; using its val_metrics eer_threshold")
             return float(fallback), {"rule": "eer", "source": "val_metrics"}
-        raise UserError(f"--threshold {rule.strip().lower()}: the checkpoint has no validation predictions with both classes")
+        raise UserError(f"--threshold {rule}: the checkpoint has no validation predictions with both classes")
     return operating_point(rule, labels, scores)
+
+
+@dataclasses.dataclass
+class Scoring:
+    """What model.json says about turning scores into decisions (`core.thresholds`)."""
+
+    threshold: float  # model.json threshold: the default operating point's, on the raw score
+    threshold_info: dict[str, Any]  # metrics["threshold"]
+    calibration: dict[str, Any] | None = None  # model.json calibration
+    operating_points: dict[str, Any] | None = None  # model.json operating_points
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # metrics["calibration"], metrics["operating_points"]
+
+
+def choose_scoring(rule: str, method: str, state: Checkpoint | dict[str, Any]) -> Scoring:
+    """The calibration (`method`: auto | none | temperature | platt) and the operating points fitted on
+    the checkpoint's validation predictions, `rule` naming the default point; a checkpoint without
+    predictions of both classes gets the threshold alone, as model.json had before calibration."""
+    labels, scores = as_checkpoint(state).val_predictions.labelled_scores()
+    if labels is None or len(set(labels.tolist())) < 2:
+        if method not in ("auto", "none"):
+            raise UserError(f"--calibrate {method}: the checkpoint has no validation predictions with both classes")
+        return Scoring(*choose_threshold(rule, state))
+    calibration = fit_calibration(labels, scores, method)
+    points, threshold, described = fit_operating_points(labels, scores, calibration, rule)
+    probabilities = calibration.apply(scores)
+    report = {
+        "method": calibration.method,
+        "chosen_by": "lowest cross-validated log-loss" if method == "auto" else "--calibrate",
+        "validation_images": int(labels.size),
+        "log_loss_before": log_loss(labels, scores),
+        "log_loss_after": log_loss(labels, probabilities),
+        "ece_before": expected_calibration_error(labels, scores),
+        "ece_after": expected_calibration_error(labels, probabilities),
+        "compared": compare_calibrations(labels, scores),
+    }
+    info = described[points["default"]]
+    log.info("calibration %s: validation ECE %.4f -> %.4f; default operating point %s (validation FPR %.3f, TPR %.3f)",
+             calibration.method, report["ece_before"], report["ece_after"], points["default"], info["fpr"], info["tpr"])  # fmt: skip
+    metrics = {"calibration": report, "operating_points": described}
+    return Scoring(threshold, info, calibration.to_dict(), points, metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,14 +195,14 @@ def export_checkpoint(request: ExportRequest) -> Path:
     if request.target.exists() and not request.force:
         raise UserError(f"{request.target}: version exists; pass --force to replace it")
     state, model, config = load_model(request.checkpoint)
-    threshold, threshold_info = choose_threshold(request.threshold, state)
+    scoring = choose_scoring(request.threshold, request.calibrate, state)
     model_dir = request.repository / request.name
     new_model_dir = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".export-{request.version}-"))
     try:
         contract = build_version(
-            request=request, state=state, model=model, config=config, threshold=threshold, threshold_info=threshold_info, folder=staging
+            request=request, state=state, model=model, config=config, scoring=scoring, folder=staging
         )
         make_readable(staging)
         publish(staging, request.target, request.force)
@@ -155,7 +212,7 @@ def export_checkpoint(request: ExportRequest) -> Path:
             model_dir.rmdir()
         raise
     replace_file(request.target / c.TRITON_CONFIG_FILE, model_dir / c.TRITON_CONFIG_FILE)
-    log.info("exported %s v%d to %s (threshold %.4f)", contract.name, contract.version, request.target, threshold)
+    log.info("exported %s v%d to %s (threshold %.4f)", contract.name, contract.version, request.target, scoring.threshold)
     return request.target
 
 
@@ -165,8 +222,7 @@ def build_version(
     state: Checkpoint,
     model,
     config,
-    threshold: float,
-    threshold_info: dict[str, Any],
+    scoring: Scoring,
     folder: Path,
 ) -> c.ModelContract:
     """Write every file of one version into `folder` and return its contract."""
@@ -188,11 +244,13 @@ def build_version(
         cam_width=graph.cam_grid[1],
         mean=tuple(float(v) for v in state.mean),
         std=tuple(float(v) for v in state.std),
-        threshold=float(threshold),
+        threshold=float(scoring.threshold),
+        calibration=scoring.calibration,
+        operating_points=scoring.operating_points,
         training=jsonable(training_provenance(state, config, request.checkpoint)),
         created=c.utc_now(),
     )
-    metrics: dict[str, Any] = {"validation": state.val_metrics, "threshold": threshold_info, "export": graph.figures}
+    metrics: dict[str, Any] = {"validation": state.val_metrics, "threshold": scoring.threshold_info, **scoring.metrics, "export": graph.figures}
     if request.int8:
         from training.quantize import quantize_checkpoint_model
 

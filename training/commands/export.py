@@ -11,9 +11,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", type=Path, required=True, help="model repository folder (e.g. models)")
     parser.add_argument("--name", required=True, help="model name (a folder in the repository)")
     parser.add_argument("--version", type=int, required=True, help="version number (a folder under the name)")
-    parser.add_argument("--threshold", default="eer",
-                        help="decision threshold from the validation predictions: eer (default), fpr:RATE "
-                             "(e.g. fpr:0.05) or a fixed number in [0, 1]")
+    parser.add_argument("--threshold", default="fpr1", metavar="RULE",
+                        help="the default operating point, chosen on the validation predictions: fpr1 (default: at "
+                             "most 1%% of validation reals called fake), fpr5, eer, fpr:RATE, or a fixed threshold in "
+                             "[0, 1] on the calibrated probability; eer, fpr1 and fpr5 are always recorded too")
+    parser.add_argument("--calibrate", default="auto", metavar="METHOD",
+                        help="calibrate scores on the validation predictions: platt, temperature, none, or auto "
+                             "(default: the lowest cross-validated log-loss of the three)")
     parser.add_argument("--int8", action="store_true", help="also write a statically quantised CPU model (model.int8.onnx)")
     parser.add_argument("--calibration-data", type=Path, default=None,
                         help="int8 calibration images: a folder or a file of paths (default: the checkpoint's validation images)")
@@ -37,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         calibration_data=args.calibration_data,
         calibration_images=args.calibration_images,
         threshold=args.threshold,
+        calibrate=args.calibrate,
         bench=args.bench,
     )
     target = export_checkpoint(request)
