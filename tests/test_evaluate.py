@@ -240,7 +240,9 @@ def test_cli_end_to_end_on_the_authors_layout(tmp_path, capsys):
     progan = np.array(["progan" in row["path"] for row in rows]) | (labels == 0)
     assert results["per_source"]["progan"]["auc"] == pytest.approx(roc_auc_score(labels[progan], scores[progan]), abs=1e-4)
 
-    for name in ("roc.png", "cams.png"):
+    assert results["calibration"]["calibration"] is None  # no validation predictions in this checkpoint to fit on
+    assert 0 <= results["calibration"]["raw"]["ece"] <= 1 and results["files"]["reliability"] == "reliability.png"
+    for name in ("roc.png", "cams.png", "reliability.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and min(image.size) > 300
             pixels = np.asarray(image.convert("RGB"), dtype=np.float32)

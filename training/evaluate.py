@@ -31,6 +31,7 @@ from training.data import FaceDataset, discover, saliency_provenance, split_samp
 from training.distributed import resolve_device
 from training.model import CamClassifier, cam_grid, default_image_size, fake_probability, select_cam
 from training.perturb import Perturbation, parse_perturbations
+from training.reliability import calibration_report
 
 log = logging.getLogger(__name__)
 
@@ -534,5 +535,7 @@ def evaluate_checkpoint(
     if robustness is not None:
         results["perturbations"] = robustness
         results["files"]["perturbations"] = "perturbations.png"
+    results["calibration"] = calibration_report(state, labels, scores, out)  # ECE raw and calibrated, reliability.png
+    results["files"]["reliability"] = results["calibration"]["plot"]
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

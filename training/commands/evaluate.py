@@ -6,7 +6,9 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by `cyborg train` (best.pt or last.pt)")
-    parser.add_argument("data", metavar="DATA", help="plain-layout folder (real/, fake/, maps/) or the root the --csv paths hang from")
+    parser.add_argument("data", metavar="DATA", nargs="+",
+                        help="plain-layout folder (real/, fake/, maps/) or the root the --csv paths hang from; several plain "
+                        "folders are evaluated together (sources named FOLDER/SOURCE, as `cyborg train` names them)")  # fmt: skip
     parser.add_argument("--csv", help="the authors' CSV (split,class,path[,source])")
     parser.add_argument("--heatmaps", help="folder of human maps matched by file name")
     parser.add_argument(
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--cams and --workers must not be negative")
     results = evaluate_checkpoint(
         args.checkpoint,
-        args.data,
+        args.data[0] if len(args.data) == 1 else args.data,
         args.out,
         csv=args.csv,
         heatmaps=args.heatmaps,
@@ -85,6 +87,12 @@ def summary(results: dict) -> str:
             f"CAM mass in the map's top {agreement['top_fraction']:.0%} {_fmt(agreement['mass_in_top_region'])} "
             f"(even spread: {_fmt(agreement['top_region_fraction'])})"
         )
+    calibration = results.get("calibration")
+    if calibration:
+        fitted = calibration["calibration"]
+        lines.append(f"ECE ({calibration['bins']} bins) {_fmt(calibration['raw']['ece'])} raw" + (
+            f", {_fmt(calibration['calibrated']['ece'])} calibrated ({fitted['method']}, fitted on the checkpoint's validation predictions)"
+            if fitted else " (no validation predictions in the checkpoint to calibrate on)"))  # fmt: skip
     if results.get("perturbations"):
         lines += perturbation_table(results["perturbations"])
     lines.append(f"wrote {results['out']}: " + ", ".join(name for name in ("results.json", *results["files"].values()) if name))
