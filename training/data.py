@@ -196,18 +196,18 @@ def discover_one(
 def split_samples(samples: Iterable[Sample], val_fraction: float, seed: int) -> dict[str, list[Sample]]:
     """{"train", "val", "test"} lists. Explicit val samples are kept; otherwise a seeded hold-out of
     `val_fraction` of each (label, source) group of training samples becomes val, so every source is
-    represented in validation (deterministic, input order irrelevant).
+    represented in validation (deterministic, input order irrelevant; a group's hold-out does not change
+    when other sources are added, so a model trained without one source is validated on the same images).
     """
     samples = sorted(samples, key=lambda s: (SPLITS.index(s.split), s.label, str(s.path)))
     splits: dict[str, list[Sample]] = {name: [s for s in samples if s.split == name] for name in SPLITS}
     if splits["val"] or val_fraction <= 0:
         return splits
     train, val = [], []
-    rng = random.Random(seed)
     groups = sorted({(s.label, s.source) for s in splits["train"]})
     for label, source in groups:
         group = [s for s in splits["train"] if s.label == label and s.source == source]
-        rng.shuffle(group)
+        random.Random(f"{seed}:{label}:{source}").shuffle(group)  # one stream per group: adding a source moves no other
         count = min(len(group) - 1, max(1, round(len(group) * val_fraction))) if len(group) > 1 else 0
         val += [dataclasses.replace(s, split="val") for s in group[:count]]
         train += group[count:]
