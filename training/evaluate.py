@@ -27,7 +27,7 @@ from core.images import read_image, to_model_input
 from core.thresholds import FALLBACK_THRESHOLD, equal_error_rate, evaluation_threshold, roc_curve
 from training.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint
 from training.config import TrainConfig
-from training.data import FaceDataset, discover, saliency_provenance, split_samples, summarise
+from training.data import FaceDataset, data_folders, discover, saliency_provenance, split_samples, summarise
 from training.distributed import resolve_device
 from training.model import CamClassifier, cam_grid, default_image_size, fake_probability, select_cam
 from training.perturb import Perturbation, parse_perturbations
@@ -447,7 +447,7 @@ def checkpoint_provenance(path: Path, state: Checkpoint, config: TrainConfig, im
 
 def evaluate_checkpoint(
     checkpoint: str | Path,
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     out: str | Path,
     csv: str | Path | None = None,
     heatmaps: str | Path | None = None,
@@ -480,9 +480,10 @@ def evaluate_checkpoint(
     provenance = checkpoint_provenance(checkpoint, state, config, image_size, grid)
 
     samples, split = select_samples(discover(data, csv, heatmaps), split, config.val_fraction, config.seed)
-    dataset = FaceDataset(samples, image_size, grid, skip_unreadable=skip_unreadable)
+    dataset = FaceDataset(samples, image_size, grid, skip_unreadable=skip_unreadable, scale=state.input_scale)
     trained_on = provenance["trained_on"]
-    includes_training = split in ("all", "train") and bool(trained_on) and Path(trained_on).resolve() == Path(data).resolve()
+    resolved = lambda folders: {Path(folder).resolve() for folder in data_folders(folders)}  # noqa: E731
+    includes_training = split in ("all", "train") and bool(trained_on) and bool(resolved(trained_on) & resolved(data))
     if includes_training:
         log.warning("%s is the data this checkpoint was trained on and --split %s includes its training images", data, split)
 
@@ -516,7 +517,7 @@ def evaluate_checkpoint(
         "cam_agreement": None if agreement is None else {"maps": maps_kind, **agreement},
         "checkpoint": provenance,
         "data": {
-            "root": str(Path(data).resolve()),
+            "root": [str(Path(folder).resolve()) for folder in data_folders(data)] if not isinstance(data, (str, Path)) else str(Path(data).resolve()),
             "csv": str(csv) if csv else None,
             "heatmaps": str(heatmaps) if heatmaps else None,
             "split": split,

@@ -105,7 +105,7 @@ def load_data(config: TrainConfig, image_size: int, grid: tuple[int, int]) -> Da
     val = decode_all(FaceDataset(splits["val"], **prepared), config.workers, config.skip_unreadable)
     saliency = saliency_provenance(train.samples)
     summary = {
-        "root": str(config.data),
+        "root": config.data,
         "csv": config.csv,
         "heatmaps": config.heatmaps,
         "counts": summarise([*train.samples, *val.samples]),
