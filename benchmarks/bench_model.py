@@ -19,28 +19,28 @@ import torch
 from core import contract
 
 
-def main() -> None:
+def write_model(repository: Path, arch: str = "efficientnet_lite0", name: str | None = None, version: int = 1,
+                image_size: int | None = None, weights: str = "none") -> Path:
+    """Export `arch` (random weights, or `weights` as `cyborg train --weights` reads them) into
+    `repository`/NAME/VERSION (sealed with model.json); return the folder."""
     from training.export import export_graph, jsonable, seal_version
     from training.model import create_classifier, default_image_size
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("repository", type=Path)
-    parser.add_argument("--arch", default="efficientnet_lite0")
-    parser.add_argument("--name", default=None, help="model name (default: the architecture)")
-    parser.add_argument("--version", type=int, default=1)
-    args = parser.parse_args()
-
     torch.manual_seed(0)
-    size = default_image_size(args.arch)
-    classifier = create_classifier(args.arch).eval()
-    folder = args.repository / (args.name or args.arch) / str(args.version)
+    size = image_size or default_image_size(arch)
+    classifier = create_classifier(arch).eval()
+    if weights != "none":  # random BatchNorm statistics can give features too small for the parity check
+        from training.weights import load_pretrained
+
+        load_pretrained(classifier, arch, weights)
+    folder = Path(repository) / (name or arch) / str(version)
     folder.mkdir(parents=True, exist_ok=True)
     graph = export_graph(classifier, folder, size, validation_paths=[], scale=size)
     mean, std = classifier.pixel_mean.flatten() / 255.0, classifier.pixel_std.flatten() / 255.0
     entry = contract.ModelContract(
-        name=args.name or args.arch,
-        version=args.version,
-        architecture=args.arch,
+        name=name or arch,
+        version=version,
+        architecture=arch,
         input_height=size,
         input_width=size,
         cam_height=graph.cam_grid[0],
@@ -53,6 +53,17 @@ def main() -> None:
         created=contract.utc_now(),
     )
     seal_version(folder, entry)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("repository", type=Path)
+    parser.add_argument("--arch", default="efficientnet_lite0")
+    parser.add_argument("--name", default=None, help="model name (default: the architecture)")
+    parser.add_argument("--version", type=int, default=1)
+    args = parser.parse_args()
+    folder = write_model(args.repository, args.arch, args.name, args.version)
     print(folder / contract.CONTRACT_FILE)
 
 

@@ -149,11 +149,12 @@ def folder_images(folder: str | os.PathLike[str], limit: int = 256) -> list[byte
 
 
 # ---- baselines without a server -------------------------------------------------------------
-def load_backend(version_dir: Path):
-    """The server's own ONNX Runtime backend class, configured as the server configures it."""
-    from engines.runtime import OnnxRuntimeBackend
+def load_backend(version_dir: Path, contract: c.ModelContract | None = None):
+    """The engine the server picks for this version with its default settings (`engines.runtime.load_backend`,
+    backend and device "auto": a TensorRT plan on a GPU where one can run, else ONNX Runtime's best provider)."""
+    from engines.runtime import load_backend as engine_for
 
-    return OnnxRuntimeBackend(version_dir / c.ONNX_FILE, device="auto")
+    return engine_for(version_dir, contract or c.read_contract(version_dir, verify=False))
 
 
 def _timed_loop(step: Callable[[], int], duration: float) -> Window:
@@ -466,7 +467,7 @@ def run_benchmark(
     warmup = min(1.0, window / 4) if warmup is None else warmup
     load_before = os.getloadavg()
 
-    backend = load_backend(folder)
+    backend = load_backend(folder, contract)
     best, search = best_batch(backend, tensors, max(duration / 4, 0.5))
     totals = {"tensor": Window(), "image": Window()}
     measure = {
@@ -496,7 +497,8 @@ def run_benchmark(
     return {
         "model": {"name": contract.name, "version": contract.version, "architecture": contract.architecture,
                   "input": list(contract.input_shape), "path": str(folder)},  # fmt: skip
-        "server": {"mode": "subprocess", "args": list(server_args), "providers": getattr(backend, "providers", []), "cpus": os.cpu_count()},
+        "server": {"mode": "subprocess", "args": list(server_args), "engine": backend.name, "device": backend.device,
+                   "providers": getattr(backend, "providers", []), "cpus": os.cpu_count()},
         "load_average": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "images": {"count": len(encoded), "source": images or "synthetic 512x512 JPEG", "mean_bytes": int(np.mean([len(e) for e in encoded]))},
         "settings": {"concurrency": list(concurrency), "duration_s": duration, "rounds": rounds, "warmup_s": warmup},

@@ -29,6 +29,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "train"): ("benchmarks.commands.bench_train", "training step time: CYBORG against CE"),
     ("bench", "guidance"): ("benchmarks.commands.bench_guidance", "compare saliency-guidance methods on a decoy set"),
     ("bench", "serve"): ("benchmarks.commands.bench_serve", "server throughput and latency against in-process ONNX Runtime"),
+    ("bench", "gpu"): ("benchmarks.commands.bench_gpu", "the GPU proof: training, export, CUDA / TensorRT engines and serving, as JSON"),
 }
 
 GROUP_HELP = {
