@@ -16,6 +16,7 @@ from core.images import RESAMPLING
 
 OVERLAY_ALPHA = 0.45
 COLORMAP_SIZE = 256
+DEFAULT_MAX_SIDE = 1024  # PNG heatmaps and overlays: longest side, in pixels (serving's --max-heatmap-side)
 # matplotlib's "jet": per channel, (x, y) points of a piecewise-linear map from [0, 1] to [0, 1].
 JET_SEGMENTS = {
     "red": ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
@@ -36,6 +37,10 @@ def _lookup_table(points: tuple[tuple[float, float], ...], size: int = COLORMAP_
 
 
 JET = np.stack([_lookup_table(JET_SEGMENTS[channel]) for channel in ("red", "green", "blue")], axis=1)  # [256, 3]
+# The overlay's blend as integer tables: picture weight (1 - alpha) on 0..255 and alpha x 255 x jet,
+# in 1/256ths, so an overlay is uint16 arithmetic on uint8 arrays (no float RGBA at any size).
+_KEEP = np.round((1 - OVERLAY_ALPHA) * 256 * np.arange(256)).astype(np.uint16)  # [256]
+_JET_ADD = np.round(OVERLAY_ALPHA * 255.0 * 256 * JET).astype(np.uint16)  # [256, 3]
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -69,12 +74,45 @@ def grayscale_png(cam: np.ndarray, width: int, height: int) -> bytes:
     return encode_png((upsample(cam, height, width) * 255).round().astype(np.uint8))
 
 
+def colour_index(values: np.ndarray) -> np.ndarray:
+    """uint8 indices into the 256-entry colour map for values in [0, 1] (matplotlib's indexing)."""
+    return np.minimum(np.asarray(values, dtype=np.float32) * COLORMAP_SIZE, COLORMAP_SIZE - 1).astype(np.uint8)
+
+
+def blend(picture: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """uint8 [H,W,3]: the "jet" colours of `values` (float [H,W] in [0, 1]) blended at OVERLAY_ALPHA
+    over `picture` (uint8 [H,W,3]) in uint16 arithmetic; within 1 of the float blend."""
+    mixed = _KEEP[picture]
+    mixed += _JET_ADD[colour_index(values)]
+    mixed += 128
+    return (mixed >> 8).astype(np.uint8)
+
+
 def overlay_png(cam: np.ndarray, picture: np.ndarray, alpha: float = OVERLAY_ALPHA) -> bytes:
     """RGB PNG: the CAM through the "jet" colour map blended over picture (uint8 [H,W,3])."""
     height, width = picture.shape[:2]
+    if alpha == OVERLAY_ALPHA:
+        return encode_png(blend(picture, upsample(cam, height, width)))
     colours = colormap(upsample(cam, height, width))
     blended = (1 - alpha) * picture.astype(np.float32) + alpha * 255.0 * colours
     return encode_png(np.clip(blended, 0, 255).round().astype(np.uint8))
+
+
+def bounded(size: tuple[int, int], region: tuple[int, int, int, int] | None, max_side: int = DEFAULT_MAX_SIDE):
+    """(size, region) of a picture of `size` (width, height) scaled down, aspect ratio kept, so that its
+    longer side is at most `max_side`, and the region the model saw carried along to it; unchanged
+    when the picture is within the bound. Heatmaps are drawn at this size."""
+    width, height = size
+    region = (0, 0, width, height) if region is None else tuple(region)
+    if max(width, height) <= max_side:
+        return (width, height), region
+    factor = max_side / max(width, height)
+    new = (max(1, round(width * factor)), max(1, round(height * factor)))
+    x, y = new[0] / width, new[1] / height
+    left, top, right, bottom = region
+    box = (round(left * x), round(top * y), round(right * x), round(bottom * y))
+    box = (box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1))  # never an empty region
+    return new, box
 
 
 def render(kind: str, cam: np.ndarray, picture: np.ndarray, region: tuple[int, int, int, int] | None = None) -> bytes:
@@ -95,6 +133,5 @@ def render(kind: str, cam: np.ndarray, picture: np.ndarray, region: tuple[int, i
         canvas[top:bottom, left:right] = (placed * 255).round().astype(np.uint8)
         return encode_png(canvas)
     blended = picture.copy()
-    inside = picture[top:bottom, left:right].astype(np.float32)
-    blended[top:bottom, left:right] = np.clip((1 - OVERLAY_ALPHA) * inside + OVERLAY_ALPHA * 255.0 * colormap(placed), 0, 255).round().astype(np.uint8)
+    blended[top:bottom, left:right] = blend(picture[top:bottom, left:right], placed)
     return encode_png(blended)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,11 +39,16 @@ def decode_image(
     name: str = "image",
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduce_to: int = 0,
 ) -> Image.Image:
     """Decode encoded bytes (JPEG, PNG, WebP, BMP, ...) into an upright RGB image.
 
     EXIF orientation is applied; grayscale, palette, alpha, CMYK and 16-bit images become RGB.
-    Raises ImageError naming `name` and the problem.
+    With `reduce_to`, an image whose shorter side is at least twice that is decoded at a reduced
+    scale (JPEG's DCT scaling through `draft`, otherwise an integer box `reduce` right after
+    decoding) that keeps its shorter side at `reduce_to` or more: what bounds a server's memory per
+    image. Raises ImageError naming `name` and the problem; whatever the codec raises on bad bytes
+    becomes an ImageError too, quoting at most a short prefix of its message.
     """
     if not data:
         raise ImageError(f"{name}: empty image data")
@@ -59,17 +65,46 @@ def decode_image(
                 raise ImageError(f"{name}: animated {image.format} images ({image.n_frames} frames) are not supported")
             if min(width, height) < MIN_SIDE:
                 raise ImageError(f"{name}: {width}x{height} is too small (at least {MIN_SIDE} pixels a side)")
+            if reduce_to and image.format == "JPEG" and min(width, height) >= 2 * reduce_to:
+                image.draft("RGB", scaled_size((width, height), reduce_to))
             image.load()
+            if reduce_to and (factor := min(image.size) // reduce_to) >= 2:
+                image = reduced(image, factor)
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except ImageError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise ImageTooLarge(f"{name}: {error}") from error
+        # Pillow's own limit (about 179 Mpixels at decode) speaks for ours: name the server's.
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{claimed.group(1)} pixels is" if claimed else "more pixels than"
+        raise ImageTooLarge(f"{name}: {size} over the {max_pixels}-pixel limit (a decompression bomb)") from error
     except UnidentifiedImageError as error:
         raise ImageError(f"{name}: not a recognised image format") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{name}: corrupt or truncated image ({error})") from error
+    except MemoryError as error:
+        raise ImageTooLarge(f"{name}: too large to decode") from error
+    except Exception as error:  # noqa: BLE001 - bad bytes make codecs raise anything (RuntimeError, TypeError, ...)
+        raise ImageError(f"{name}: corrupt or truncated image ({clip(f'{type(error).__name__}: {error}')})") from error
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """`text` cut to at most `limit` characters (an ellipsis marks the cut): for error messages that
+    quote input or a library's words, which must stay short."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def reduced(image: Image.Image, factor: int) -> Image.Image:
+    """`image` shrunk by an integer `factor` with a box filter (Pillow's `reduce`); modes `reduce`
+    does not take are converted first (bilevel to L, palette to RGBA, 16-bit to 32-bit), and any
+    other is left unchanged."""
+    wider = {"1": "L", "P": "RGBA", "I;16": "I", "I;16L": "I", "I;16B": "I"}.get(image.mode)
+    if wider:
+        image = image.convert(wider)
+    try:
+        return image.reduce(factor)
+    except (ValueError, NotImplementedError):
+        return image
 
 
 def read_image(path: str | os.PathLike[str], **limits) -> Image.Image:
@@ -85,9 +120,10 @@ def read_image(path: str | os.PathLike[str], **limits) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (alpha composited on white, 16-bit scaled down)."""
     if image.mode in HIGH_BIT_DEPTH_MODES:
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image, dtype=np.float32)  # float32: 4 bytes a pixel, not 8, at the pixel limit
         high = full_scale(image, array)
-        image = Image.fromarray(np.clip(array * (255.0 / high), 0, 255).round().astype(np.uint8), mode="L")
+        array *= 255.0 / high
+        image = Image.fromarray(np.clip(array, 0, 255, out=array).round(out=array).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

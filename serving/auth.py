@@ -51,8 +51,14 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         problem = self._problem(handler_call_details)
         handler = await continuation(handler_call_details)
-        if problem is None or handler is None:
+        if problem is None:
             return handler
+        if handler is None:  # an unknown method: refused as unauthenticated too, so a caller without a token learns nothing
+
+            async def refuse(request_iterator, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+            return grpc.stream_stream_rpc_method_handler(refuse)
 
         def unary(_behaviour):
             async def reject(request, context):

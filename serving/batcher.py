@@ -6,6 +6,11 @@ own future; a collector task takes requests until the batch holds `max_batch_siz
 passed (or whose caller went away), runs the batch on an executor thread (off the event loop) and
 hands each caller exactly its own rows. A request is never split, so a request larger than the
 batch size runs alone. The queue is bounded: `QueueFull` (RESOURCE_EXHAUSTED) when full.
+
+Pieces of a bulk request (a raw-inference request split into engine-sized pieces, submitted with
+`bulk=True`) go into a batch after the ordinary requests waiting with them, unless the oldest has
+waited BULK_MAX_WAIT: a caller behind someone's 200-row request waits for one batch, not for the
+whole request, and bulk work still moves while ordinary traffic saturates the engine.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from serving.metrics import Metrics
 log = logging.getLogger(__name__)
 
 RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+BULK_MAX_WAIT = 1.0  # seconds a bulk piece may be passed over by ordinary requests
 
 
 @dataclasses.dataclass
@@ -42,6 +48,7 @@ class _Pending:
     deadline: float | None
     future: asyncio.Future
     enqueued: float
+    bulk: bool = False
 
 
 class Batcher:
@@ -78,7 +85,7 @@ class Batcher:
     def pending(self) -> int:
         return len(self._queue)
 
-    def submit(self, images: np.ndarray, deadline: float | None = None) -> asyncio.Future:
+    def submit(self, images: np.ndarray, deadline: float | None = None, bulk: bool = False) -> asyncio.Future:
         """Enqueue uint8 [n,3,H,W]; the returned future resolves to this caller's `BatchResult`.
 
         Enqueuing happens now (not at the first await), so callers can rely on their request being
@@ -89,7 +96,7 @@ class Batcher:
         if len(self._queue) >= self.max_queue_size:
             raise QueueFull(f"model {self.labels[0]} v{self.labels[1]}: queue is full ({self.max_queue_size} requests)")
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(images, deadline, future, time.perf_counter()))
+        self._queue.append(_Pending(images, deadline, future, time.perf_counter(), bulk))
         self._gauge()
         self._wakeup.set()
         return future
@@ -158,25 +165,30 @@ class Batcher:
         return rows
 
     def _take(self) -> list[_Pending]:
-        """Pop requests for one batch, failing the expired and skipping the abandoned."""
-        batch: list[_Pending] = []
-        rows = 0
+        """Pop requests for one batch, failing the expired and skipping the abandoned; ordinary
+        requests first, then bulk pieces (first of all a bulk piece that waited BULK_MAX_WAIT)."""
         now = time.monotonic()
-        while self._queue:
-            pending = self._queue[0]
+        live: list[_Pending] = []
+        for pending in self._queue:
             if pending.future.done():  # the caller was cancelled
-                self._queue.popleft()
                 continue
             if pending.deadline is not None and pending.deadline <= now:
-                self._queue.popleft()
                 pending.future.set_exception(DeadlineExceeded("deadline passed while queued; not computed"))
                 continue
-            size = len(pending.images)
+            live.append(pending)
+        overdue = time.perf_counter() - BULK_MAX_WAIT
+        order = sorted(range(len(live)), key=lambda i: (live[i].bulk and live[i].enqueued > overdue, i))
+        batch: list[_Pending] = []
+        taken: set[int] = set()
+        rows = 0
+        for i in order:
+            size = len(live[i].images)
             if batch and rows + size > self.max_batch_size:
                 break
-            self._queue.popleft()
-            batch.append(pending)
+            batch.append(live[i])
+            taken.add(i)
             rows += size
+        self._queue = collections.deque(pending for i, pending in enumerate(live) if i not in taken)
         return batch
 
     async def _execute(self, batch: list[_Pending]) -> None:

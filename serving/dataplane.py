@@ -9,7 +9,10 @@ model's dynamic batcher; every outcome is counted in the metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import io
+import threading
 import time
 from concurrent.futures import Executor
 
@@ -20,8 +23,9 @@ from core import heatmaps
 from core.contract import CAM_OUTPUT, SCORE_OUTPUT, ModelContract, label_for
 from core.errors import UserError
 from core.thresholds import Calibration, resolve_operating_point
-from serving.errors import InvalidArgument, ModelNotFound, reason_of  # noqa: F401 (ModelNotFound: part of this API)
-from core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MIN_SIDE, decode_image, input_region, prepare
+from serving.errors import InvalidArgument, ModelNotFound, ServerBusy, reason_of  # noqa: F401 (ModelNotFound: part of this API)
+from core.contract import LEGACY_SCALE
+from core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MIN_SIDE, RESAMPLING, decode_image, input_region, prepare
 from serving.metrics import Metrics
 from serving.repository import ModelRepository
 
@@ -49,17 +53,60 @@ class DetectResult:
     label: str  # "fake" when probability >= probability_threshold
     threshold: float  # the operating point's threshold carried back to the raw score
     cam: np.ndarray  # float32 [h, w] in [0, 1], the model's CAM (returned for every heatmap kind)
-    heatmap_png: bytes | None = None  # png / overlay: PNG at the image's size
+    heatmap_png: bytes | None = None  # png / overlay: PNG at the image's size (within Limits.max_heatmap_side)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # decode_ms, queue_ms, compute_ms, total_ms
     probability: float = 0.0  # the calibrated fake probability (the score itself for an uncalibrated model)
     operating_point: str = ""  # the operating point used
     probability_threshold: float = 0.0  # its threshold on the probability
 
 
+DECODE_HEADROOM_PIXELS = 16_000_000  # the default decode budget's room for ordinary images beside one at the limit
+REDUCE_MARGIN = 2  # images are decoded at no less than this many times the side the model needs
+BULK_PIECE_DIVISOR = 8  # a raw request over max_batch_size rows runs in pieces of max_batch_size / 8 rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
+    """The per-request and server-wide bounds (each a `cyborg serve` flag; docs/serving.md, "Limits")."""
+
     max_image_bytes: int = DEFAULT_MAX_BYTES
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_decode_pixels: int = 0  # pixels being decoded at once, server-wide; 0: max_image_pixels + DECODE_HEADROOM_PIXELS
+    max_heatmap_side: int = heatmaps.DEFAULT_MAX_SIDE  # longest side of PNG heatmaps and overlays
+    max_batch_items: int = 1024  # items in one DetectBatch call
+
+    @property
+    def decode_pixels(self) -> int:
+        return self.max_decode_pixels or self.max_image_pixels + DECODE_HEADROOM_PIXELS
+
+
+class PixelBudget:
+    """A server-wide bound on pixels being decoded at once (thread-safe: decoding runs on a pool).
+
+    `hold(pixels)` admits an image when the pixels already held plus its own stay within `limit`, or
+    when nothing else is held (so one image at the pixel limit always gets its turn); otherwise it
+    raises ServerBusy (RESOURCE_EXHAUSTED) at once rather than queueing the memory.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        with self._lock:
+            if self.held and self.held + pixels > self.limit:
+                raise ServerBusy(
+                    f"server busy: {self.held} pixels are being decoded and this image's {pixels} would pass the "
+                    f"{self.limit}-pixel limit (--max-decode-pixels); retry shortly"
+                )
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.held -= pixels
 
 
 class DataPlane:
@@ -70,7 +117,9 @@ class DataPlane:
         self.pool = pool
         self.metrics = metrics
         self.limits = limits
+        self.decoding = PixelBudget(limits.decode_pixels)
         self._live = True
+        self.closing = asyncio.Event()  # set at the start of shutdown: streams finish what they hold and end
 
     # ---- health and metadata -------------------------------------------------------------
     def live(self) -> bool:
@@ -98,8 +147,9 @@ class DataPlane:
         return await self.repository.reload()
 
     def shutdown(self) -> None:
-        """Stop reporting live (graceful shutdown has begun)."""
+        """Stop reporting live (graceful shutdown has begun) and tell open streams to end."""
         self._live = False
+        self.closing.set()
 
     # ---- inference -----------------------------------------------------------------------
     async def detect(self, request: DetectRequest) -> DetectResult:
@@ -117,16 +167,15 @@ class DataPlane:
                 loop = asyncio.get_running_loop()
                 contract = model.contract
                 if needs_pool(request, contract):
-                    picture, images = await loop.run_in_executor(self.pool, self._prepare, request, contract)
+                    picture, region, images = await loop.run_in_executor(self.pool, self._prepare, request, contract)
                 else:  # a tensor already at the model's size: no decoding, no resizing
-                    picture, images = self._prepare(request, contract)
+                    picture, region, images = self._prepare(request, contract)
                 decoded = time.perf_counter()
                 result = await model.batcher.submit(images, request.deadline)
                 score = float(result.outputs[SCORE_OUTPUT][0])
                 cam = np.asarray(result.outputs[CAM_OUTPUT][0], dtype=np.float32)
                 png = None
                 if request.heatmap in ("png", "overlay"):
-                    region = input_region((picture.shape[1], picture.shape[0]), contract)
                     png = await loop.run_in_executor(self.pool, heatmaps.render, request.heatmap, cam, picture, region)
         except BaseException as error:
             self.metrics.request_failed(*labels, reason_of(error) if isinstance(error, Exception) else "cancelled")
@@ -174,12 +223,12 @@ class DataPlane:
             if images.ndim != 4 or tuple(images.shape[1:]) != expected or images.shape[0] < 1:
                 raise InvalidArgument(f"input shape {list(images.shape)}: expected [B, {', '.join(map(str, expected))}]")
             with model.use():
-                result = await model.batcher.submit(np.ascontiguousarray(images), deadline)
+                outputs = await run_in_chunks(model.batcher, np.ascontiguousarray(images), deadline)
         except BaseException as error:
             self.metrics.request_failed(*labels, reason_of(error) if isinstance(error, Exception) else "cancelled")
             raise
         self.metrics.request_succeeded(*labels, time.perf_counter() - started)
-        return result.outputs
+        return outputs
 
     def _lookup(self, name: str, version: int):
         """The loaded model for a request; a failed lookup is counted under empty model labels
@@ -191,22 +240,73 @@ class DataPlane:
             raise
 
     # ---- worker-pool steps ---------------------------------------------------------------
-    def _prepare(self, request: DetectRequest, contract: ModelContract) -> tuple[np.ndarray, np.ndarray]:
-        """(picture HxWx3 uint8 as received, model input uint8 [1,3,H,W]) for one request."""
+    def _prepare(self, request: DetectRequest, contract: ModelContract):
+        """(picture uint8 [h,w,3] for the heatmap or None, the region of it the model saw, model
+        input uint8 [1,3,H,W]) for one request. The picture is the image scaled down to
+        `max_heatmap_side`, and only kept when a PNG heatmap or overlay is asked for."""
         if (request.image is None) == (request.tensor is None):
             raise InvalidArgument("a request needs exactly one of an encoded image or a tensor")
         if request.image is not None:
-            image = decode_image(
-                request.image,
-                name="image",
-                max_bytes=self.limits.max_image_bytes,
-                max_pixels=self.limits.max_image_pixels,
-            )
-            return np.asarray(image), prepare(image, contract)[None]
-        picture = tensor_to_hwc(request.tensor, self.limits.max_image_pixels)
-        if picture.shape[:2] == (contract.input_height, contract.input_width):
-            return picture, np.ascontiguousarray(picture.transpose(2, 0, 1))[None]
-        return picture, prepare(Image.fromarray(picture), contract)[None]
+            with self.decoding.hold(min(header_pixels(request.image), self.limits.max_image_pixels)):
+                image = decode_image(
+                    request.image,
+                    name="image",
+                    max_bytes=self.limits.max_image_bytes,
+                    max_pixels=self.limits.max_image_pixels,
+                    reduce_to=max(REDUCE_MARGIN * needed_side(contract), self.limits.max_heatmap_side),
+                )
+                images = prepare(image, contract)[None]
+                picture, region = self._picture(image, request, contract)
+            return picture, region, images
+        hwc = tensor_to_hwc(request.tensor, self.limits.max_image_pixels)
+        image = None if hwc.shape[:2] == (contract.input_height, contract.input_width) else Image.fromarray(hwc)
+        images = np.ascontiguousarray(hwc.transpose(2, 0, 1))[None] if image is None else prepare(image, contract)[None]
+        if request.heatmap in ("png", "overlay") and image is None:
+            image = Image.fromarray(hwc)
+        picture, region = self._picture(image, request, contract)
+        return picture, region, images
+
+    def _picture(self, image: Image.Image | None, request: DetectRequest, contract: ModelContract):
+        """The bounded picture a PNG heatmap is drawn at, and the model's region on it (None, None
+        when the request wants no picture)."""
+        if image is None or request.heatmap not in ("png", "overlay"):
+            return None, None
+        size, region = heatmaps.bounded(image.size, input_region(image.size, contract), self.limits.max_heatmap_side)
+        if size != image.size:
+            image = image.resize(size, RESAMPLING)
+        return np.asarray(image), region
+
+
+def needed_side(contract: ModelContract) -> int:
+    """The shorter side an image needs for the model's preprocessing (its scale, or the input size)."""
+    return contract.scale if contract.scale != LEGACY_SCALE else max(contract.input_height, contract.input_width)
+
+
+def header_pixels(data: bytes) -> int:
+    """Pixels an encoded image claims in its header (0 when the header does not read: decoding then
+    names the problem)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - bad bytes are decode_image's to report
+        return 0
+    return width * height
+
+
+async def run_in_chunks(batcher, images: np.ndarray, deadline: float | None) -> dict[str, np.ndarray]:
+    """Raw inference of uint8 [B,3,H,W] through `batcher`; outputs in row order.
+
+    A request of at most max_batch_size rows is queued whole. A larger one never makes one
+    outsized engine call: it runs in pieces of max_batch_size / BULK_PIECE_DIVISOR rows, each queued
+    when the one before it is done and as bulk work (see serving.batcher), so other callers'
+    requests go between the pieces and wait for at most one small piece, not the whole request.
+    """
+    bulk = len(images) > batcher.max_batch_size
+    step = max(1, batcher.max_batch_size // BULK_PIECE_DIVISOR) if bulk else len(images)
+    results = [await batcher.submit(images[start : start + step], deadline, bulk) for start in range(0, len(images), step)]
+    if len(results) == 1:
+        return results[0].outputs
+    return {name: np.concatenate([result.outputs[name] for result in results]) for name in results[0].outputs}
 
 
 def needs_pool(request: DetectRequest, contract: ModelContract) -> bool:

@@ -49,6 +49,13 @@ class RequestTooLarge(ServingError):
     reason = "too_large"
 
 
+class ServerBusy(ServingError):
+    """A server-wide budget (pixels being decoded at once) is spent: try again shortly."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "busy"
+
+
 class DeadlineExceeded(ServingError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "deadline"
@@ -64,15 +71,32 @@ class ShuttingDown(ServingError):
     reason = "shutting_down"
 
 
+MAX_MESSAGE_CHARS = 1000  # a status message is a header: gRPC refuses the whole reply beyond its 8 KiB limit
+MAX_QUOTE_CHARS = 80  # what a message quotes of the client's input (a model name, a version string)
+
+
+def quote(value: object, limit: int = MAX_QUOTE_CHARS) -> str:
+    """repr() of client input for an error message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "…" + text[-1]
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message for any exception raised while serving a request."""
-    if isinstance(error, ServingError):
-        return error.code, str(error)
-    if isinstance(error, ImageTooLarge):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, (ImageError, UserError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    """The gRPC status code and message for any exception raised while serving a request.
+
+    The server's own faults are INTERNAL with no exception text (it is logged, never sent); every
+    message is cut to MAX_MESSAGE_CHARS.
+    """
+    if isinstance(error, ServingError) and error.code != grpc.StatusCode.INTERNAL:
+        code = error.code
+    elif isinstance(error, ImageTooLarge):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    elif isinstance(error, (ImageError, UserError)):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    else:
+        return grpc.StatusCode.INTERNAL, "internal error (logged by the server)"
+    message = str(error)
+    return code, message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
 def reason_of(error: BaseException) -> str:

@@ -26,7 +26,8 @@ import numpy as np
 
 from core import __version__
 from core import contract as c
-from serving.errors import InvalidArgument
+from serving.errors import InvalidArgument, quote, status_of
+from serving.servicer import ordered_stream  # the Detector's stream discipline, shared
 
 if TYPE_CHECKING:
     from serving.dataplane import DataPlane
@@ -38,7 +39,9 @@ MESSAGES = (
     "ServerLiveRequest", "ServerLiveResponse", "ServerReadyRequest", "ServerReadyResponse",
     "ModelReadyRequest", "ModelReadyResponse", "ServerMetadataRequest", "ServerMetadataResponse",
     "ModelMetadataRequest", "ModelMetadataResponse", "ModelInferRequest", "ModelInferResponse",
+    "ModelStreamInferResponse", "RepositoryIndexRequest", "RepositoryIndexResponse",
 )  # fmt: skip
+MAX_VERSION_DIGITS = 18  # a version string longer than this is refused before int() (fits int64)
 
 # KServe v2 datatype names <-> numpy dtypes (little-endian on the wire).
 DATATYPES = {
@@ -76,8 +79,8 @@ def parse_version(text: str) -> int:
     """A wire version string ("" = latest) as the data plane's int (0 = latest)."""
     if not text:
         return 0
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidArgument(f"model version {text!r}: expected a positive integer or empty for the latest")
+    if len(text) > MAX_VERSION_DIGITS or not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise InvalidArgument(f"model version {quote(text)}: expected a positive integer (ASCII digits, at most {MAX_VERSION_DIGITS}) or empty for the latest")
     return int(text)
 
 
@@ -155,13 +158,42 @@ class InferenceServicer:
             response.outputs.add(name=name, datatype=OUTPUT_DATATYPE, shape=shape)
         return response
 
+    async def RepositoryIndex(self, request, context):
+        if request.repository_name:
+            raise InvalidArgument(f"repository {quote(request.repository_name)}: this server has one repository (leave the name empty)")
+        response = self.m.RepositoryIndexResponse()
+        for status in self.dataplane.repository.statuses():
+            if request.ready and status.state != "READY":
+                continue
+            state = "LOADING" if status.state == "INCOMPLETE" else status.state
+            response.models.add(name=status.name, version=str(status.version), state=state, reason=status.error)
+        return response
+
     async def ModelInfer(self, request, context):
+        remaining = context.time_remaining()
+        return await self.infer(request, None if remaining is None else time.monotonic() + remaining)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """ModelInfer for each request of the stream, answered in order; a failure is the item's
+        `error_message` (its status message), and the stream goes on."""
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+
+        async def answer(request):
+            try:
+                return self.m.ModelStreamInferResponse(infer_response=await self.infer(request, deadline))
+            except Exception as error:  # noqa: BLE001 - reported per item
+                code, message = status_of(error)
+                return self.m.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=self.m.ModelInferResponse(id=request.id))
+
+        async for response in ordered_stream(request_iterator, answer, self.dataplane.closing):
+            yield response
+
+    async def infer(self, request, deadline: float | None):
         version = parse_version(request.model_version)
         contract = self.dataplane.contract(request.model_name, version)
         images = input_images(request, contract)
         names = requested_outputs(request, contract)
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
         outputs = await self.dataplane.infer(contract.name, version, images, deadline)
         response = self.m.ModelInferResponse(model_name=contract.name, model_version=str(contract.version), id=request.id)
         for name in names:
@@ -181,8 +213,13 @@ def handler(dataplane: DataPlane) -> grpc.GenericRpcHandler:
             request_deserializer=getattr(m, f"{name}Request").FromString,
             response_serializer=getattr(m, f"{name}Response").SerializeToString,
         )
-        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "RepositoryIndex")
     }
+    methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=m.ModelInferRequest.FromString,
+        response_serializer=m.ModelStreamInferResponse.SerializeToString,
+    )
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 

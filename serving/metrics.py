@@ -7,7 +7,13 @@ Each server owns a `Metrics` with its own registry, so several servers can live 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import hmac
+import socket
+import threading
+from http.server import ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import MetricsHandler
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -52,6 +58,30 @@ class Metrics:
         self.batch_size.labels(model, version).observe(rows)
         self.compute_duration.labels(model, version).observe(compute_seconds)
 
-    def serve_http(self, port: int, host: str = "0.0.0.0"):
-        """Start the /metrics HTTP endpoint; returns (server, thread)."""
-        return start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, port: int, host: str = "127.0.0.1", tokens: tuple[str, ...] = ()):
+        """Start the /metrics HTTP endpoint on a daemon thread; returns (server, thread). With
+        `tokens`, a scrape must send `Authorization: Bearer <one of them>` (401 otherwise)."""
+        handler = MetricsHandler.factory(self.registry)
+        if tokens:
+            handler = type("BearerMetricsHandler", (BearerMetricsHandler, handler), {"tokens": tuple(t.encode() for t in tokens)})
+        server_class = type("MetricsServer", (ThreadingHTTPServer,), {"daemon_threads": True, "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+        server = server_class((host, port), handler)
+        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
+        return server, thread
+
+
+class BearerMetricsHandler(MetricsHandler):
+    """/metrics only for a request with `Authorization: Bearer <token>` (compared in constant time)."""
+
+    tokens: tuple[bytes, ...] = ()
+
+    def do_GET(self) -> None:
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), known) for known in self.tokens):
+            super().do_GET()
+            return
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", "Bearer")
+        self.send_header("Content-Length", "0")
+        self.end_headers()

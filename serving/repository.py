@@ -23,7 +23,7 @@ import numpy as np
 
 from serving.batcher import Batcher
 from core.contract import CONTRACT_FILE, ONNX_FILE, TENSORRT_FILE, ModelContract, read_contract
-from serving.errors import ModelNotFound, ModelNotReady
+from serving.errors import ModelNotFound, ModelNotReady, quote
 from serving.metrics import Metrics
 from engines.runtime import Backend, load_backend
 
@@ -173,7 +173,7 @@ class ModelRepository:
                 errors = [f"v{v}: {e}" for (n, v), (_, e) in sorted(self._failed.items()) if n == name]
                 raise ModelNotReady(f"model {name!r} has no loaded version" + (f" ({'; '.join(errors)})" if errors else ""))
             served = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFound(f"unknown model {name!r} (serving: {served})")
+            raise ModelNotFound(f"unknown model {quote(name)} (serving: {served})")
         if version and version != model.contract.version:
             raise ModelNotFound(f"model {name!r} version {version} is not served (serving version {model.contract.version})")
         return model

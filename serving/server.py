@@ -24,7 +24,7 @@ from core.errors import UserError
 from serving import inference_servicer, servicer
 from serving.auth import BearerTokenInterceptor, read_tokens
 from serving.dataplane import DataPlane, Limits
-from serving.errors import ErrorInterceptor
+from serving.errors import ErrorInterceptor, wrap_handler
 from serving.metrics import Metrics
 from serving.repository import ModelRepository, RepositorySettings
 
@@ -39,6 +39,8 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8001  # 0: any free port
     metrics_port: int | None = 8002  # None: no metrics endpoint; 0: any free port
+    metrics_host: str = ""  # "": loopback when TLS or a token is on, else `host`
+    metrics_auth: bool = False  # /metrics needs a bearer token of auth_token_file
     default_model: str = ""
     max_batch_size: int | None = None  # None: each model's model.json
     max_queue_delay_ms: float | None = None
@@ -51,6 +53,9 @@ class ServerConfig:
     decode_workers: int = 0  # 0: one per core
     max_message_mb: int = 32
     max_image_pixels: int = 64_000_000
+    max_decode_pixels: int = 0  # pixels being decoded at once, server-wide; 0: max_image_pixels + 16,000,000
+    max_heatmap_side: int = 1024  # longest side of PNG heatmaps and overlays
+    max_batch_items: int = 1024  # items in one DetectBatch call
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""  # set: mutual TLS, client certificates required
@@ -137,10 +142,60 @@ class HealthServicer(health.aio.HealthServicer):
                 await self._changed.wait()
 
 
+class CallTracker(grpc.aio.ServerInterceptor):
+    """Counts the calls in progress, so that shutdown can wait for them and say how many it cut off."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def _exit(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Whether every call ended within `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def intercept_service(self, continuation, handler_call_details):
+        def unary(behaviour):
+            async def counted(request_or_iterator, context):
+                self._enter()
+                try:
+                    return await behaviour(request_or_iterator, context)
+                finally:
+                    self._exit()
+
+            return counted
+
+        def stream(behaviour):
+            async def counted(request_or_iterator, context):
+                self._enter()
+                try:
+                    async for response in behaviour(request_or_iterator, context):
+                        yield response
+                finally:
+                    self._exit()
+
+            return counted
+
+        return wrap_handler(await continuation(handler_call_details), unary=unary, stream=stream)
+
+
 class Server:
     """The running parts of one server; `start()`, `stop(grace)`, `wait_for_termination()`."""
 
-    def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, dataplane: DataPlane, health_servicer, services: list[str]):
+    def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, dataplane: DataPlane, health_servicer, services: list[str], calls: CallTracker | None = None):
         self.config = config
         self.grpc_server = grpc_server
         self.dataplane = dataplane
@@ -148,6 +203,8 @@ class Server:
         self.metrics = dataplane.metrics
         self.health = health_servicer
         self.services = services
+        self.calls = calls or CallTracker()
+        self.cancelled_calls = 0  # calls still running when the grace period ended (cut off by shutdown)
         self.metrics_port: int | None = None
         self._metrics_http = None
         self._stopping = False
@@ -158,8 +215,9 @@ class Server:
         await self.update_health()
         await self.grpc_server.start()
         if self.config.metrics_port is not None:
+            tokens = read_tokens(self.config.auth_token_file) if self.config.metrics_auth else ()
             try:
-                http, _thread = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+                http, _thread = self.metrics.serve_http(self.config.metrics_port, metrics_host(self.config), tokens)
             except OSError as error:
                 raise UserError(f"--metrics-port {self.config.metrics_port}: cannot listen ({error.strerror})") from error
             self._metrics_http, self.metrics_port = http, http.server_port
@@ -190,9 +248,17 @@ class Server:
         grace = self.config.grace_seconds if grace is None else grace
         log.info("shutting down", extra={"grace_seconds": grace})
         await self.health.enter_graceful_shutdown()
-        self.dataplane.shutdown()
+        self.dataplane.shutdown()  # open streams answer what they hold and end
         try:
-            await self.grpc_server.stop(grace)
+            stopping = asyncio.ensure_future(self.grpc_server.stop(grace))  # refuses new calls at once
+            if not await self.calls.wait_idle(grace):
+                self.cancelled_calls = self.calls.active
+            await stopping
+            if self.cancelled_calls:
+                log.warning("shutdown cancelled %d calls still running after the %gs grace period", self.cancelled_calls, grace,
+                            extra={"cancelled_calls": self.cancelled_calls})  # fmt: skip
+            else:
+                log.info("shutdown drained every call", extra={"cancelled_calls": 0})
         finally:
             await self.repository.close()
             self.dataplane.pool.shutdown(wait=False)
@@ -209,9 +275,12 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     if not Path(config.model_repository).is_dir():
         raise UserError(f"--model-repository {config.model_repository}: not a folder")
     credentials = server_credentials(config)
-    interceptors = [ErrorInterceptor()]
+    if config.metrics_auth and not config.auth_token_file:
+        raise UserError("--metrics-auth needs --auth-token-file (the tokens /metrics accepts)")
+    calls = CallTracker()
+    interceptors = [calls, ErrorInterceptor()]
     if config.auth_token_file:
-        interceptors.insert(0, BearerTokenInterceptor(read_tokens(config.auth_token_file)))
+        interceptors.insert(1, BearerTokenInterceptor(read_tokens(config.auth_token_file)))
     grpc_server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
     metrics = Metrics()
     settings = RepositorySettings(
@@ -226,13 +295,19 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     )
     repository = ModelRepository(config.model_repository, settings, metrics)
     pool = ThreadPoolExecutor(config.decode_workers or os.cpu_count() or 1, thread_name_prefix="decode")
-    limits = Limits(max_image_bytes=int(config.max_message_mb * MiB), max_image_pixels=config.max_image_pixels)
+    limits = Limits(
+        max_image_bytes=int(config.max_message_mb * MiB),
+        max_image_pixels=config.max_image_pixels,
+        max_decode_pixels=config.max_decode_pixels,
+        max_heatmap_side=config.max_heatmap_side,
+        max_batch_items=config.max_batch_items,
+    )
     dataplane = DataPlane(repository, pool, metrics, limits)
     services = [protocol.add_to_server(grpc_server, dataplane) for protocol in PROTOCOLS]
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     enable_reflection(grpc_server, services)
-    server = Server(config, grpc_server, dataplane, health_servicer, services)
+    server = Server(config, grpc_server, dataplane, health_servicer, services, calls)
     repository.on_change = lambda _repository: server.update_health()
     address = f"{config.host}:{config.port}" if ":" not in config.host else f"[{config.host}]:{config.port}"
     try:
@@ -242,20 +317,44 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     return server, port
 
 
+def metrics_host(config: ServerConfig) -> str:
+    """Where /metrics listens: --metrics-host, or loopback when TLS or tokens guard the gRPC port
+    (an open metrics port beside them would expose what they protect), else --host."""
+    if config.metrics_host:
+        return config.metrics_host
+    return "127.0.0.1" if (config.tls_cert or config.auth_token_file) else config.host
+
+
 def enable_reflection(grpc_server: grpc.aio.Server, services: list[str]) -> None:
-    """Server reflection for the services whose descriptors are in protobuf's default pool."""
+    """Server reflection for every service, the Open Inference Protocol's included.
+
+    Reflection reads one descriptor pool; the KServe descriptors are kept out of protobuf's default
+    pool (see serving.inference_servicer), so reflection gets a private pool holding the files of
+    every service served.
+    """
     from google.protobuf import descriptor_pool
     from grpc_reflection.v1alpha import reflection
 
-    pool = descriptor_pool.Default()
-    names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
-    for name in services:
-        try:
-            pool.FindServiceByName(name)
-        except KeyError:
-            continue  # kept out of the default pool on purpose (see serving.inference_servicer)
-        names.append(name)
-    reflection.enable_server_reflection(names, grpc_server)
+    from serving.inference_servicer import SERVICE as INFERENCE, serialized_descriptor
+
+    default = descriptor_pool.Default()
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file) -> None:  # a FileDescriptor from the default pool, after its dependencies
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    names = [health.SERVICE_NAME, reflection.SERVICE_NAME, *services]
+    for name in names:
+        if name != INFERENCE:
+            add(default.FindServiceByName(name).file)
+    pool.AddSerializedFile(serialized_descriptor())
+    reflection.enable_server_reflection(names, grpc_server, pool=pool)
 
 
 class JsonFormatter(logging.Formatter):
@@ -283,8 +382,9 @@ def use_json_logs() -> None:
             logging.getLogger().addHandler(handler)
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run until SIGINT/SIGTERM, then shut down gracefully; SIGHUP reloads the repository."""
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGINT/SIGTERM, then shut down gracefully; SIGHUP reloads the repository. Returns
+    the number of calls the shutdown cut off (still running when the grace period ended)."""
     server, port = await create_server(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -300,3 +400,4 @@ async def serve(config: ServerConfig) -> None:
         await stop.wait()
     finally:
         await server.stop()
+    return server.cancelled_calls

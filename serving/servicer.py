@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 
 import grpc
@@ -12,7 +13,7 @@ import numpy as np
 from core.contract import DEFAULT_POINT_KEY
 from core.thresholds import LEGACY_POINT
 from serving.dataplane import DataPlane, DetectRequest, DetectResult
-from serving.errors import InvalidArgument, status_of
+from serving.errors import InvalidArgument, RequestTooLarge, ShuttingDown, quote, status_of
 from serving.proto.cyborg.v1 import detector_pb2 as pb
 from serving.proto.cyborg.v1 import detector_pb2_grpc as pb_grpc
 
@@ -35,12 +36,13 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 def tensor_array(tensor: pb.Tensor) -> np.ndarray:
     """A wire Tensor as a uint8 array, checking dtype, shape and byte count."""
     if tensor.dtype not in ("", "uint8"):
-        raise InvalidArgument(f"tensor dtype {tensor.dtype!r}: expected uint8")
+        raise InvalidArgument(f"tensor dtype {quote(tensor.dtype)}: expected uint8")
     shape = list(tensor.shape)
-    if not shape or any(side < 0 for side in shape):
-        raise InvalidArgument(f"tensor shape {shape}: expected [3, H, W] or [H, W, 3]")
-    if int(np.prod(shape)) != len(tensor.data):
-        raise InvalidArgument(f"tensor shape {shape} needs {int(np.prod(shape))} bytes, got {len(tensor.data)}")
+    if len(shape) != 3 or any(side < 0 for side in shape):
+        raise InvalidArgument(f"tensor shape {quote(shape)}: expected [3, H, W] or [H, W, 3]")
+    needed = math.prod(shape)  # Python ints: no overflow, whatever the sides
+    if needed != len(tensor.data):
+        raise InvalidArgument(f"tensor shape {shape} needs {needed} bytes, got {len(tensor.data)}")
     return np.frombuffer(tensor.data, np.uint8).reshape(shape)
 
 
@@ -108,6 +110,9 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         return to_response(result, message.id, HEATMAPS[message.heatmap])
 
     async def DetectBatch(self, request, context):
+        limit = self.dataplane.limits.max_batch_items
+        if len(request.requests) > limit:
+            raise RequestTooLarge(f"{len(request.requests)} items in one DetectBatch: the limit is {limit} (--max-batch-items); split the batch or use DetectStream")
         deadline = deadline_of(context)
         window = asyncio.Semaphore(STREAM_WINDOW)  # a huge batch must not flood the model's queue
 
@@ -120,22 +125,8 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 
     async def DetectStream(self, request_iterator, context):
         deadline = deadline_of(context)
-        pending: asyncio.Queue = asyncio.Queue(STREAM_WINDOW)
-
-        async def read() -> None:
-            try:
-                async for message in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._item(message, deadline)))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while (task := await pending.get()) is not None:
-                yield await task
-            await reader  # re-raise a broken request stream
-        finally:
-            reader.cancel()
+        async for response in ordered_stream(request_iterator, lambda message: self._item(message, deadline), self.dataplane.closing):
+            yield response
 
     async def ListModels(self, request, context):
         repository = self.dataplane.repository
@@ -148,6 +139,51 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         if request.version < 0:
             raise InvalidArgument(f"version {request.version}: 0 (latest) or a positive number")
         return model_info(self.dataplane.repository.get(request.model, request.version))
+
+
+async def ordered_stream(requests, answer, closing: asyncio.Event, window: int = STREAM_WINDOW):
+    """Answer each request of a stream with `await answer(request)`, up to `window` at once, yielding
+    the answers in request order.
+
+    When the call ends early (the client cancels, the deadline passes) every item still queued or
+    running is cancelled: it leaves the batch queue and is not counted as answered. When `closing`
+    is set (server shutdown), reading stops, the items already read are answered, and the stream
+    ends with UNAVAILABLE so the client reconnects elsewhere instead of holding the shutdown.
+    """
+    pending: asyncio.Queue = asyncio.Queue(window)
+    stopped = asyncio.ensure_future(closing.wait())
+
+    async def read() -> None:
+        try:
+            iterator = aiter(requests)
+            while True:
+                receive = asyncio.ensure_future(anext(iterator))
+                await asyncio.wait((receive, stopped), return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    receive.cancel()
+                    return
+                try:
+                    message = receive.result()
+                except StopAsyncIteration:
+                    return
+                await pending.put(asyncio.ensure_future(answer(message)))
+        finally:
+            await pending.put(None)
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while (task := await pending.get()) is not None:
+            yield await task
+        await reader  # re-raise a broken request stream
+        if closing.is_set():
+            raise ShuttingDown("server is shutting down: stream ended, reconnect to go on")
+    finally:
+        reader.cancel()
+        stopped.cancel()
+        while not pending.empty():
+            task = pending.get_nowait()
+            if task is not None:
+                task.cancel()
 
 
 def model_info(model) -> pb.ModelInfo:

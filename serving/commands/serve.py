@@ -15,6 +15,8 @@ FLAGS: dict[str, tuple[dict, str]] = {
     "host": ({}, "address to listen on (default: {default})"),
     "port": ({"type": int}, "gRPC port (default: {default}; 0 = any free port)"),
     "metrics_port": ({"type": int}, "Prometheus /metrics HTTP port (default: {default}; -1 = off)"),
+    "metrics_host": ({}, "address /metrics listens on (default: 127.0.0.1 when TLS or --auth-token-file is on, else --host)"),
+    "metrics_auth": ({"action": "store_true"}, "/metrics needs 'Authorization: Bearer <token>' with a token of --auth-token-file"),
     "default_model": ({}, "model for requests that name none (default: the only/first model)"),
     "max_batch_size": ({"type": int}, "override every model's batching.max_batch_size"),
     "max_queue_delay_ms": ({"type": float}, "override every model's batching.max_queue_delay_ms"),
@@ -27,6 +29,9 @@ FLAGS: dict[str, tuple[dict, str]] = {
     "decode_workers": ({"type": int}, "image decoding threads (default: {default} = one per core)"),
     "max_message_mb": ({"type": int}, "largest gRPC message and encoded image in MiB (default: {default})"),
     "max_image_pixels": ({"type": int}, "largest decoded image in pixels (default: {default})"),
+    "max_decode_pixels": ({"type": int}, "pixels being decoded at once, server-wide; more is RESOURCE_EXHAUSTED (default: {default} = --max-image-pixels + 16000000)"),
+    "max_heatmap_side": ({"type": int}, "longest side of PNG heatmaps and overlays in pixels (default: {default})"),
+    "max_batch_items": ({"type": int}, "items in one DetectBatch call (default: {default})"),
     "tls_cert": ({}, "server certificate (PEM) for TLS"),
     "tls_key": ({}, "server private key (PEM) for TLS"),
     "tls_client_ca": ({}, "CA (PEM) that client certificates must chain to: mutual TLS"),
@@ -52,10 +57,12 @@ def config_from_args(args: argparse.Namespace):
     from core.errors import UserError
     from serving.server import ServerConfig
 
-    for flag in ("max_batch_size", "max_queue_size", "instances", "max_message_mb", "max_image_pixels"):
+    for flag in ("max_batch_size", "max_queue_size", "instances", "max_message_mb", "max_image_pixels", "max_heatmap_side", "max_batch_items"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
+    if args.max_decode_pixels and args.max_decode_pixels < args.max_image_pixels:
+        raise UserError(f"--max-decode-pixels {args.max_decode_pixels}: at least --max-image-pixels ({args.max_image_pixels}), or 0 for the default")
     if args.max_queue_delay_ms is not None and args.max_queue_delay_ms < 0:
         raise UserError(f"--max-queue-delay-ms {args.max_queue_delay_ms}: must not be negative")
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServerConfig) if field.name in FLAGS}
@@ -71,5 +78,5 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.log_format == "json":
         use_json_logs()
-    asyncio.run(serve(config))
-    return 0
+    cancelled = asyncio.run(serve(config))
+    return 1 if cancelled else 0  # 1: shutdown cut off calls (the last log line says how many)
