@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[training,serving,dev]'
+	$(BIN)/pip install --quiet -e '.[training,serving,annotate,dev]'
 	touch $(STAMP)
 
 test: setup

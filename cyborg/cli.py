@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "check"): ("training.commands.data_check", "report problems in a data set (exit 1 on errors)"),
     ("saliency", "prior"): ("training.commands.saliency_prior", "write proxy saliency maps for data without human maps"),
     ("saliency", "merge"): ("training.commands.saliency_merge", "average `cyborg annotate` answers into human saliency maps, with a report"),
+    ("annotate",): ("annotate.command", "collect human saliency maps in the browser (and check a photo)"),
     ("train",): ("training.commands.train", "train a detector with the CYBORG loss"),
     ("evaluate",): ("training.commands.evaluate", "AUC, EER, accuracy, ROC and CAM pictures for a checkpoint"),
     ("export",): ("training.commands.export", "export a checkpoint to ONNX/TensorRT in a model repository"),

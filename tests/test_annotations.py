@@ -128,8 +128,15 @@ def test_bad_answers_are_refused(session, change, message):
     assert log.answers() == []
 
 
-def test_mask_alpha_is_the_mask_and_names_are_checked():
-    assert read_mask_upload(mask_png((0, 0, 2, 2), mode="RGBA"), (SIZE, SIZE))[:2, :2].min() == 255
+def test_mask_is_gray_over_black_and_names_are_checked():
+    transparent = read_mask_upload(mask_png((0, 0, 2, 2), mode="RGBA"), (SIZE, SIZE))
+    assert transparent[:2, :2].min() == 255 and transparent[2:].max() == 0
+    opaque = Image.new("RGBA", (SIZE, SIZE), (0, 0, 0, 255))
+    opaque.paste((255, 255, 255, 255), (0, 0, 3, 3))
+    buffer = io.BytesIO()
+    opaque.save(buffer, format="PNG")
+    marked = read_mask_upload(buffer.getvalue(), (SIZE, SIZE))
+    assert marked[:3, :3].min() == 255 and marked.sum() == 9 * 255
     for bad in ("", "../x", "a/b", ".hidden", "x" * 41, "a b"):
         with pytest.raises(AnnotationError):
             check_annotator(bad)

@@ -17,7 +17,7 @@ _spec = importlib.util.spec_from_file_location("code_stats", ROOT / "scripts" / 
 code_stats = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(code_stats)
 
-PROJECT = ("core", "engines", "training", "serving", "benchmarks", "cyborg")
+PROJECT = ("core", "engines", "training", "serving", "benchmarks", "annotate", "cyborg")
 TORCH = {"torch", "torchvision", "timm", "onnx", "onnxscript", "sklearn"}  # the training install only
 # package -> (project packages it may import, third-party packages it may import or None for any)
 RULES = {
@@ -26,6 +26,7 @@ RULES = {
     "serving": ({"core", "engines", "serving"}, None),
     "training": ({"core", "engines", "training"}, None),
     "benchmarks": ({"core", "engines", "training", "serving", "benchmarks"}, None),
+    "annotate": ({"core", "training", "serving", "annotate"}, None),  # the browser app: writes training data, checks photos via the client
     "cyborg": ({"core", "cyborg"}, {"numpy"}),  # command modules are imported by name, only when run
 }
 

@@ -124,7 +124,8 @@ def read_mask_upload(data: bytes, size: tuple[int, int]) -> np.ndarray:
     """An uploaded stroke mask as uint8 [H, W] (0 unmarked, 255 marked).
 
     It must be a PNG of exactly the image's size (width, height); the size is checked from the header
-    before any pixel is decoded. With an alpha channel the alpha is the mask, otherwise the gray level.
+    before any pixel is decoded. The mask is the gray level, composited over black where the PNG has
+    an alpha channel (white strokes on black, or on transparency, as a canvas exports them).
     """
     if len(data) > MAX_MASK_BYTES:
         raise AnnotationError(f"mask: {len(data)} bytes, at most {MAX_MASK_BYTES}")
@@ -136,7 +137,10 @@ def read_mask_upload(data: bytes, size: tuple[int, int]) -> np.ndarray:
                 raise AnnotationError(f"mask: {image.size[0]}x{image.size[1]}, the image is {size[0]}x{size[1]}")
             image.load()
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                array = np.asarray(image.convert("RGBA"), dtype=np.uint8)[..., 3]
+                rgba = image.convert("RGBA")
+                gray = np.asarray(rgba.convert("L"), dtype=np.uint16)
+                alpha = np.asarray(rgba, dtype=np.uint16)[..., 3]
+                array = ((gray * alpha + 127) // 255).astype(np.uint8)  # composited over black
             else:
                 array = np.asarray(image.convert("L"), dtype=np.uint8)
     except AnnotationError:
