@@ -22,7 +22,7 @@ TORCH = {"torch", "torchvision", "timm", "onnx", "onnxscript", "sklearn"}  # the
 # package -> (project packages it may import, third-party packages it may import or None for any)
 RULES = {
     "core": ({"core"}, {"numpy", "PIL"}),
-    "engines": ({"core", "engines"}, {"numpy", "onnxruntime", "tensorrt", "cuda"}),
+    "engines": ({"core", "engines"}, {"numpy", "PIL", "onnxruntime", "tensorrt", "cuda"}),
     "serving": ({"core", "engines", "serving"}, None),
     "training": ({"core", "engines", "training"}, None),
     "benchmarks": ({"core", "engines", "training", "serving", "benchmarks"}, None),
