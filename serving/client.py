@@ -58,6 +58,10 @@ class Detection:
     cam: np.ndarray | None = None  # heatmap="grid": float32 [h, w] in [0, 1]
     heatmap_png: bytes | None = None  # heatmap="png" or "overlay"
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    input_kind: str = "aligned"  # how the server scored it: aligned (whole picture) or photo (per face)
+    status: str = "aligned"  # aligned | faces | no_face | faces_too_small
+    faces: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # photo: box, landmarks, confidence, status, score, probability, label[, cam]
+    verdict_face: int = -1  # photo: index in faces of the most suspicious face (-1: none)
     ok: bool = dataclasses.field(default=True, init=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +72,9 @@ class Detection:
             data[key] = round(data[key], 6)
         if self.cam is not None:
             data["cam"] = np.round(self.cam, 4).tolist()
+        if self.input_kind == "photo":
+            faces = [{k: (np.round(v, 4).tolist() if isinstance(v, np.ndarray) else v) for k, v in face.items()} for face in self.faces]
+            data |= {"input_kind": "photo", "status": self.status, "verdict_face": self.verdict_face, "faces": faces}
         return data | {"timings_ms": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
@@ -101,15 +108,25 @@ def image_name(image: ImageInput, index: int) -> str:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"#{index}"
 
 
+INPUT_KINDS = {"aligned": pb.INPUT_KIND_ALIGNED, "photo": pb.INPUT_KIND_PHOTO, "auto": pb.INPUT_KIND_AUTO}
+FACE_STATUS_NAMES = {pb.FACE_SCORED: "scored", pb.FACE_TOO_SMALL: "too_small", pb.FACE_OVER_LIMIT: "over_limit"}
+IMAGE_STATUS_NAMES = {pb.IMAGE_STATUS_ALIGNED: "aligned", pb.IMAGE_STATUS_FACES: "faces", pb.IMAGE_STATUS_NO_FACE: "no_face",
+                      pb.IMAGE_STATUS_FACES_TOO_SMALL: "faces_too_small"}  # fmt: skip
+
+
 def detect_request(
-    image: ImageInput, model: str = "", version: int = 0, heatmap: str = "none", id: str = "", operating_point: str | float = ""
+    image: ImageInput, model: str = "", version: int = 0, heatmap: str = "none", id: str = "", operating_point: str | float = "",
+    input_kind: str = "",
 ) -> pb.DetectRequest:
     """The DetectRequest for a path, encoded bytes, or a uint8 RGB array; `operating_point` is a name
-    the model records ("eer", "fpr1", "fpr5"), a threshold in [0, 1], or "" for the model's default."""
+    the model records ("eer", "fpr1", "fpr5"), a threshold in [0, 1], or "" for the model's default;
+    `input_kind` aligned, photo, auto, or "" (the server's default: aligned)."""
     if heatmap not in HEATMAPS:
         raise ValueError(f"heatmap {heatmap!r}: one of {', '.join(HEATMAPS)}")
+    if input_kind and input_kind not in INPUT_KINDS:
+        raise ValueError(f"input kind {input_kind!r}: one of {', '.join(INPUT_KINDS)}")
     request = pb.DetectRequest(model=model or "", version=int(version or 0), heatmap=HEATMAPS[heatmap], id=id,
-                               operating_point=str(operating_point))  # fmt: skip
+                               operating_point=str(operating_point), input_kind=INPUT_KINDS.get(input_kind, 0))  # fmt: skip
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ValueError(f"array dtype {image.dtype}: send uint8 RGB pixels")
@@ -144,7 +161,26 @@ def _result(response: pb.DetectResponse, name: str) -> Detection | DetectionErro
         cam=cam,
         heatmap_png=heatmap.png or None,
         timings={"decode_ms": t.decode_ms, "queue_ms": t.queue_ms, "compute_ms": t.compute_ms, "total_ms": t.total_ms},
+        input_kind="photo" if response.input_kind == pb.INPUT_KIND_PHOTO else "aligned",
+        status=IMAGE_STATUS_NAMES.get(response.status, "aligned"),
+        faces=[_face(face) for face in response.faces],
+        verdict_face=int(response.verdict_face) if response.input_kind == pb.INPUT_KIND_PHOTO else -1,
     )
+
+
+def _face(face: pb.Face) -> dict[str, Any]:
+    data = {
+        "box": [round(v, 2) for v in (face.box.left, face.box.top, face.box.right, face.box.bottom)],
+        "landmarks": [[round(p.x, 2), round(p.y, 2)] for p in face.landmarks],
+        "confidence": round(face.confidence, 4),
+        "status": FACE_STATUS_NAMES.get(face.status, "scored"),
+        "score": round(face.score, 6),
+        "probability": round(face.probability, 6),
+        "label": face.label,
+    }
+    if face.HasField("grid"):
+        data["cam"] = np.asarray(face.grid.values, dtype=np.float32).reshape(tuple(face.grid.shape))
+    return data
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -185,26 +221,26 @@ class DetectorClient:
     # ---- calls -------------------------------------------------------------------------------
     def detect(
         self, image: ImageInput, *, model: str = "", version: int = 0, heatmap: str = "none", operating_point: str | float = "",
-        timeout: float | None = None,
+        timeout: float | None = None, input_kind: str = "",
     ) -> Detection:
         """Score one image; raises ClientError (e.g. INVALID_ARGUMENT naming the problem) on failure."""
-        request = detect_request(image, model, version, heatmap, operating_point=operating_point)
+        request = detect_request(image, model, version, heatmap, operating_point=operating_point, input_kind=input_kind)
         response = self._unary(self.stub.Detect, request, timeout)
         return _result(response, image_name(image, 0))
 
     def detect_batch(
         self, images: Sequence[ImageInput], *, model: str = "", version: int = 0, heatmap: str = "none", operating_point: str | float = "",
-        timeout: float | None = None,
+        timeout: float | None = None, input_kind: str = "",
     ) -> list[Detection | DetectionError]:
         """Score many images in one call; one result (or DetectionError) per image, in order."""
-        requests = [detect_request(image, model, version, heatmap, operating_point=operating_point) for image in images]
+        requests = [detect_request(image, model, version, heatmap, operating_point=operating_point, input_kind=input_kind) for image in images]
         request = pb.DetectBatchRequest(requests=requests)
         response = self._unary(self.stub.DetectBatch, request, timeout)
         return [_result(item, image_name(image, i)) for i, (image, item) in enumerate(zip(images, response.responses))]
 
     def stream(
         self, images: Iterable[ImageInput], *, model: str = "", version: int = 0, heatmap: str = "none", operating_point: str | float = "",
-        timeout: float | None = None,
+        timeout: float | None = None, input_kind: str = "",
     ) -> Iterator[Detection | DetectionError]:
         """Score images over one bidirectional stream, yielding results in order as they arrive.
 
@@ -215,7 +251,7 @@ class DetectorClient:
         def requests() -> Iterator[pb.DetectRequest]:
             for index, image in enumerate(images):
                 names[str(index)] = image_name(image, index)
-                yield detect_request(image, model, version, heatmap, id=str(index), operating_point=operating_point)
+                yield detect_request(image, model, version, heatmap, id=str(index), operating_point=operating_point, input_kind=input_kind)
 
         call = self.stub.DetectStream(requests(), timeout=timeout, metadata=self.metadata)
         try:

@@ -23,9 +23,10 @@ from core import heatmaps
 from core.contract import CAM_OUTPUT, SCORE_OUTPUT, ModelContract, label_for
 from core.errors import UserError
 from core.thresholds import Calibration, resolve_operating_point
-from serving.errors import InvalidArgument, ModelNotFound, ServerBusy, reason_of  # noqa: F401 (ModelNotFound: part of this API)
+from serving.errors import InvalidArgument, ModelNotFound, ModelNotReady, ServerBusy, reason_of  # noqa: F401 (ModelNotFound: part of this API)
 from core.contract import LEGACY_SCALE
 from core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MIN_SIDE, RESAMPLING, decode_image, input_region, prepare
+from serving.faces import DEFAULT_MAX_FACES, DEFAULT_MIN_FACE, INPUT_KINDS, SCORED, Detectors, FaceResult, find_faces, place_cams, upright_size
 from serving.metrics import Metrics
 from serving.repository import ModelRepository
 
@@ -43,6 +44,7 @@ class DetectRequest:
     heatmap: str = "none"  # none | grid | png | overlay
     deadline: float | None = None  # time.monotonic() deadline
     operating_point: str = ""  # "" -> the model's default; a name the model records, or a number in [0, 1]
+    input_kind: str = "aligned"  # aligned | photo | auto (serving/faces.py; docs/serving.md, "Photos")
 
 
 @dataclasses.dataclass
@@ -58,6 +60,10 @@ class DetectResult:
     probability: float = 0.0  # the calibrated fake probability (the score itself for an uncalibrated model)
     operating_point: str = ""  # the operating point used
     probability_threshold: float = 0.0  # its threshold on the probability
+    input_kind: str = "aligned"  # how the picture was scored: aligned (whole) or photo (per face)
+    status: str = "aligned"  # aligned | faces | no_face | faces_too_small
+    faces: list[FaceResult] = dataclasses.field(default_factory=list)  # photo: every face found, largest first
+    verdict_face: int = -1  # photo: the index in faces of the most suspicious scored face (-1: none)
 
 
 DECODE_HEADROOM_PIXELS = 16_000_000  # the default decode budget's room for ordinary images beside one at the limit
@@ -74,6 +80,8 @@ class Limits:
     max_decode_pixels: int = 0  # pixels being decoded at once, server-wide; 0: max_image_pixels + DECODE_HEADROOM_PIXELS
     max_heatmap_side: int = heatmaps.DEFAULT_MAX_SIDE  # longest side of PNG heatmaps and overlays
     max_batch_items: int = 1024  # items in one DetectBatch call
+    max_faces: int = DEFAULT_MAX_FACES  # faces scored in one photo (largest first; the rest: over_limit)
+    min_face: int = DEFAULT_MIN_FACE  # smallest face scored: its FFHQ square's side in original pixels
 
     @property
     def decode_pixels(self) -> int:
@@ -118,6 +126,7 @@ class DataPlane:
         self.metrics = metrics
         self.limits = limits
         self.decoding = PixelBudget(limits.decode_pixels)
+        self.detectors = Detectors()  # the face detector, loaded by the first photo
         self._live = True
         self.closing = asyncio.Event()  # set at the start of shutdown: streams finish what they hold and end
 
@@ -159,6 +168,8 @@ class DataPlane:
         try:
             if request.heatmap not in HEATMAP_KINDS:
                 raise InvalidArgument(f"heatmap {request.heatmap!r}: one of {', '.join(HEATMAP_KINDS)}")
+            if request.input_kind not in INPUT_KINDS:
+                raise InvalidArgument(f"input kind {request.input_kind!r}: one of {', '.join(INPUT_KINDS)}")
             try:
                 point = resolve_operating_point(request.operating_point, model.contract)
             except UserError as error:
@@ -166,7 +177,14 @@ class DataPlane:
             with model.use():
                 loop = asyncio.get_running_loop()
                 contract = model.contract
-                if needs_pool(request, contract):
+                if request.input_kind != "aligned":
+                    photo = await loop.run_in_executor(self.pool, self._prepare_photo, request, contract)
+                    if not isinstance(photo, tuple):  # faces to score one by one
+                        result = await self._detect_faces(request, model, point, photo, started)
+                        self.metrics.request_succeeded(*labels, time.perf_counter() - started)
+                        return result
+                    picture, region, images = photo  # auto: one face filling the frame
+                elif needs_pool(request, contract):
                     picture, region, images = await loop.run_in_executor(self.pool, self._prepare, request, contract)
                 else:  # a tensor already at the model's size: no decoding, no resizing
                     picture, region, images = self._prepare(request, contract)
@@ -201,6 +219,51 @@ class DataPlane:
                 "compute_ms": result.compute_ms,
                 "total_ms": total * 1e3,
             },
+        )
+
+    async def _detect_faces(self, request: DetectRequest, model, point, photo: Photo, started: float) -> DetectResult:
+        """Score the faces `_prepare_photo` found: their rows go through the batcher (in pieces of at
+        most max_batch_size, so they join batches with other requests' rows), then the verdict is the
+        most suspicious face."""
+        found, scale, contract = photo.found, photo.scale, model.contract
+        decoded = time.perf_counter()
+        calibration = Calibration.of(contract)
+        queue_ms = compute_ms = 0.0
+        if len(found.inputs):
+            step = max(1, model.batcher.max_batch_size)
+            pieces = await asyncio.gather(*(model.batcher.submit(found.inputs[i : i + step], request.deadline) for i in range(0, len(found.inputs), step)))
+            scores = np.concatenate([piece.outputs[SCORE_OUTPUT] for piece in pieces])
+            cams = np.concatenate([piece.outputs[CAM_OUTPUT] for piece in pieces]).astype(np.float32)
+            queue_ms, compute_ms = max(p.queue_ms for p in pieces), max(p.compute_ms for p in pieces)
+            for index, score, cam in zip(found.scored, scores, cams):
+                face = found.faces[index]
+                face.score, face.probability, face.cam = float(score), calibration.apply(float(score)), cam
+                face.label = label_for(face.probability, point.threshold)
+        scored = [found.faces[i] for i in found.scored]
+        verdict = max(found.scored, key=lambda i: found.faces[i].probability) if scored else -1
+        best = found.faces[verdict] if scored else None
+        png = None
+        if best is not None and request.heatmap in ("png", "overlay"):
+            png = await asyncio.get_running_loop().run_in_executor(
+                self.pool, place_cams, request.heatmap, [f.cam for f in scored], found.decoded, photo.picture, scale, contract
+            )
+        status = "faces" if scored else "faces_too_small" if found.faces else "no_face"
+        return DetectResult(
+            model=contract.name,
+            version=contract.version,
+            score=best.score if best else 0.0,
+            probability=best.probability if best else 0.0,
+            label=best.label if best else "no_face",
+            threshold=calibration.invert(point.threshold),
+            operating_point=point.name,
+            probability_threshold=point.threshold,
+            cam=best.cam if best else np.zeros(contract.cam_shape, np.float32),
+            heatmap_png=png,
+            timings={"decode_ms": (decoded - started) * 1e3, "queue_ms": queue_ms, "compute_ms": compute_ms, "total_ms": (time.perf_counter() - started) * 1e3},
+            input_kind="photo",
+            status=status,
+            faces=found.faces,
+            verdict_face=verdict,
         )
 
     async def detect_many(self, requests: list[DetectRequest]) -> list[DetectResult | Exception]:
@@ -266,6 +329,39 @@ class DataPlane:
         picture, region = self._picture(image, request, contract)
         return picture, region, images
 
+    def _prepare_photo(self, request: DetectRequest, contract: ModelContract):
+        """Decode a photo and find its faces: the aligned-path triple of `_prepare` when `auto` finds
+        one face filling the frame, else a `Photo` with the faces to score."""
+        if (request.image is None) == (request.tensor is None):
+            raise InvalidArgument("a request needs exactly one of an encoded image or a tensor")
+        with contextlib.ExitStack() as stack:
+            if request.image is not None:
+                stack.enter_context(self.decoding.hold(min(header_pixels(request.image), self.limits.max_image_pixels)))
+                image = decode_image(
+                    request.image,
+                    name="image",
+                    max_bytes=self.limits.max_image_bytes,
+                    max_pixels=self.limits.max_image_pixels,
+                    reduce_to=max(REDUCE_MARGIN * needed_side(contract), self.limits.max_heatmap_side),
+                )
+            else:
+                image = Image.fromarray(tensor_to_hwc(request.tensor, self.limits.max_image_pixels))
+            original = upright_size(request.image, image)
+            try:
+                detector = self.detectors.get()
+            except UserError as error:
+                raise ModelNotReady(f"photo input: {error}") from None
+            found = find_faces(detector, image, original, contract, request.input_kind, self.limits.max_faces, self.limits.min_face)
+            if found.aligned:
+                picture, region = self._picture(image, request, contract)
+                return picture, region, prepare(image, contract)[None]
+            picture, scale = None, 1.0
+            if request.heatmap in ("png", "overlay") and found.scored:
+                size, _ = heatmaps.bounded(image.size, None, self.limits.max_heatmap_side)
+                scale = size[0] / image.width
+                picture = np.asarray(image if size == image.size else image.resize(size, RESAMPLING))
+            return Photo(found, image, picture, scale)
+
     def _picture(self, image: Image.Image | None, request: DetectRequest, contract: ModelContract):
         """The bounded picture a PNG heatmap is drawn at, and the model's region on it (None, None
         when the request wants no picture)."""
@@ -307,6 +403,14 @@ async def run_in_chunks(batcher, images: np.ndarray, deadline: float | None) -> 
     if len(results) == 1:
         return results[0].outputs
     return {name: np.concatenate([result.outputs[name] for result in results]) for name in results[0].outputs}
+
+
+@dataclasses.dataclass
+class Photo:
+    found: object  # serving.faces.Found
+    image: Image.Image  # the decoded picture
+    picture: np.ndarray | None  # the picture CAMs are drawn on (png / overlay heatmaps), at `scale`
+    scale: float
 
 
 def needs_pool(request: DetectRequest, contract: ModelContract) -> bool:

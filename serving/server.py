@@ -56,6 +56,8 @@ class ServerConfig:
     max_decode_pixels: int = 0  # pixels being decoded at once, server-wide; 0: max_image_pixels + 16,000,000
     max_heatmap_side: int = 1024  # longest side of PNG heatmaps and overlays
     max_batch_items: int = 1024  # items in one DetectBatch call
+    max_faces: int = 32  # faces scored in one photo (photo / auto input)
+    min_face: int = 64  # smallest face scored: the side of its FFHQ square in original pixels
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""  # set: mutual TLS, client certificates required
@@ -301,6 +303,8 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         max_decode_pixels=config.max_decode_pixels,
         max_heatmap_side=config.max_heatmap_side,
         max_batch_items=config.max_batch_items,
+        max_faces=config.max_faces,
+        min_face=config.min_face,
     )
     dataplane = DataPlane(repository, pool, metrics, limits)
     services = [protocol.add_to_server(grpc_server, dataplane) for protocol in PROTOCOLS]

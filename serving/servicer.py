@@ -25,6 +25,14 @@ HEATMAPS = {
     pb.HEATMAP_OVERLAY: "overlay",
 }
 HEATMAP_ENUMS = {name: kind for kind, name in HEATMAPS.items()}
+INPUT_KINDS = {
+    pb.INPUT_KIND_UNSPECIFIED: "aligned",
+    pb.INPUT_KIND_ALIGNED: "aligned",
+    pb.INPUT_KIND_PHOTO: "photo",
+    pb.INPUT_KIND_AUTO: "auto",
+}
+IMAGE_STATUSES = {"aligned": pb.IMAGE_STATUS_ALIGNED, "faces": pb.IMAGE_STATUS_FACES, "no_face": pb.IMAGE_STATUS_NO_FACE, "faces_too_small": pb.IMAGE_STATUS_FACES_TOO_SMALL}
+FACE_STATUSES = {"scored": pb.FACE_SCORED, "too_small": pb.FACE_TOO_SMALL, "over_limit": pb.FACE_OVER_LIMIT}
 STREAM_WINDOW = 256  # items of one stream or batch call in flight at once (back-pressure beyond that)
 
 
@@ -54,6 +62,8 @@ def to_request(message: pb.DetectRequest, deadline: float | None) -> DetectReque
         raise InvalidArgument(f"heatmap kind {message.heatmap} is not one of {sorted(HEATMAPS)}")
     if message.version < 0:
         raise InvalidArgument(f"version {message.version}: 0 (latest) or a positive number")
+    if message.input_kind not in INPUT_KINDS:
+        raise InvalidArgument(f"input kind {message.input_kind} is not one of {sorted(INPUT_KINDS)}")
     return DetectRequest(
         image=message.image if kind == "image" else None,
         tensor=tensor_array(message.tensor) if kind == "tensor" else None,
@@ -62,6 +72,7 @@ def to_request(message: pb.DetectRequest, deadline: float | None) -> DetectReque
         heatmap=HEATMAPS[message.heatmap],
         deadline=deadline,
         operating_point=message.operating_point,
+        input_kind=INPUT_KINDS[message.input_kind],
     )
 
 
@@ -77,13 +88,29 @@ def to_response(result: DetectResult, request_id: str, heatmap: str) -> pb.Detec
         model=result.model,
         version=result.version,
         timings=pb.Timings(**result.timings),
+        status=IMAGE_STATUSES[result.status],
+        verdict_face=result.verdict_face,
+        input_kind=pb.INPUT_KIND_PHOTO if result.input_kind == "photo" else pb.INPUT_KIND_ALIGNED,
     )
+    for face in result.faces:
+        message = response.faces.add(
+            box=pb.Box(left=face.box[0], top=face.box[1], right=face.box[2], bottom=face.box[3]),
+            landmarks=[pb.Point(x=float(x), y=float(y)) for x, y in face.landmarks],
+            confidence=face.confidence,
+            status=FACE_STATUSES[face.status],
+            score=face.score,
+            probability=face.probability,
+            label=face.label,
+        )
+        if heatmap == "grid" and face.cam is not None:
+            message.grid.shape.extend(face.cam.shape)
+            message.grid.values.extend(face.cam.ravel().tolist())
     if heatmap != "none":
         response.heatmap.kind = HEATMAP_ENUMS[heatmap]
         if heatmap == "grid":
             response.heatmap.grid.shape.extend(result.cam.shape)
             response.heatmap.grid.values.extend(result.cam.ravel().tolist())
-        else:
+        elif result.heatmap_png is not None:  # a photo without a scored face has no picture
             response.heatmap.png = result.heatmap_png
     return response
 

@@ -172,7 +172,7 @@ def test_token_and_tls(repository, tmp_path):
 
 # ---- cyborg detect --------------------------------------------------------------------------------
 def test_detect_table(server, repository, files, capsys):
-    assert main(["detect", *map(str, files["good"]), "--server", server.address]) == 0
+    assert main(["detect", *map(str, files["good"]), "--server", server.address, "--input-kind", "aligned"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ["image", "score", "probability", "label", "point", "model", "version"]
     for line, path in zip(lines[1:], files["good"]):
@@ -185,7 +185,7 @@ def test_detect_table(server, repository, files, capsys):
 def test_detect_json_heatmaps_and_per_image_errors(server, files, tmp_path, capsys):
     out = tmp_path / "cams"
     names = [files["good"][0], files["text"], files["missing"], files["good"][1]]
-    code = main(["detect", *map(str, names), "--server", server.address, "--model", "tiny", "--heatmap", str(out), "--json"])
+    code = main(["detect", *map(str, names), "--server", server.address, "--model", "tiny", "--heatmap", str(out), "--json", "--input-kind", "aligned"])
     assert code == 1
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["image"] for row in rows] == [str(n) for n in names]

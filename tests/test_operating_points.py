@@ -109,12 +109,12 @@ def test_model_info_lists_the_points(stub, server):
 def test_cyborg_detect_operating_point(server, tmp_path, capsys):
     image = tmp_path / "face.png"
     image.write_bytes(picture(1))
-    assert main(["detect", str(image), "--server", server.address, "--operating-point", "fpr5", "--json"]) == 0
+    assert main(["detect", str(image), "--server", server.address, "--operating-point", "fpr5", "--json", "--input-kind", "aligned"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["operating_point"] == "fpr5" and row["probability_threshold"] == 0.5
     assert row["probability"] == pytest.approx(CALIBRATION.apply(row["score"]), abs=1e-5)
     assert row["label"] == ("fake" if row["probability"] >= 0.5 else "real")
-    assert main(["detect", str(image), "--server", server.address]) == 0
+    assert main(["detect", str(image), "--server", server.address, "--input-kind", "aligned"]) == 0
     header, line = capsys.readouterr().out.strip().splitlines()
     assert line.split()[4] == "fpr1"
     for bad, message in (("bogus", "has eer, fpr1, fpr5"), ("1.5", "in [0, 1]")):

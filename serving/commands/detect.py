@@ -1,8 +1,9 @@
 """`cyborg detect IMAGE...`: send images to a server and print scores (a table or JSON lines).
 
 Each image is reported on its own: an unreadable or undecodable file gets its own error line and
-the command exits 1 once every image has been tried. With --heatmap DIR, the CAM overlay of each
-image is written there as `<name>.cam.png`.
+the command exits 1 once every image has been tried. Photos (`--input-kind auto`, the default, or
+`photo`) get a row per face (box, score, label) or a `no_face` row. With --heatmap DIR, the CAM
+overlay of each image is written there as `<name>.cam.png`, with every face's box and score drawn.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--operating-point", default="", metavar="NAME|NUMBER",
                         help="the threshold that decides the label: a name the model records (eer, fpr1, fpr5) or a "
                              "threshold in [0, 1] on the calibrated probability (default: the model's default)")
-    parser.add_argument("--heatmap", type=Path, metavar="DIR", help="write each image's CAM overlay PNG into DIR")
+    parser.add_argument("--input-kind", choices=("auto", "photo", "aligned"), default="auto",
+                        help="auto (default): find faces, and score a picture that is one face filling the frame whole; photo: "
+                             "score every face; aligned: score the picture whole as an aligned face crop")
+    parser.add_argument("--heatmap", type=Path, metavar="DIR", help="write each image's CAM overlay PNG (with face boxes) into DIR")
     parser.add_argument("--json", action="store_true", help="print one JSON object a line instead of a table")
     parser.add_argument("--tls-ca", type=Path, metavar="FILE", help="CA certificate (PEM): connect with TLS")
     parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="client certificate (PEM) for mutual TLS")
@@ -81,7 +85,8 @@ def send(client, args: argparse.Namespace, printer, outputs: HeatmapNames | None
             except OSError as error:
                 outcomes[index] = DetectionError(name, "NOT_FOUND", f"{name}: cannot read ({error.strerror})")
         if data:
-            options = {"model": args.model, "version": args.version, "heatmap": heatmap, "operating_point": args.operating_point}
+            options = {"model": args.model, "version": args.version, "heatmap": heatmap, "operating_point": args.operating_point,
+                       "input_kind": args.input_kind}  # fmt: skip
             try:
                 try:
                     results = client.detect_batch(list(data.values()), **options)
@@ -104,9 +109,33 @@ def send(client, args: argparse.Namespace, printer, outputs: HeatmapNames | None
             written = None
             if outputs is not None and result.heatmap_png:
                 written = outputs.path_for(name)
-                written.write_bytes(result.heatmap_png)
+                written.write_bytes(draw_faces(result.heatmap_png, result, data[index]) if result.faces else result.heatmap_png)
             printer.result(result, written)
     return failures
+
+
+def draw_faces(png: bytes, result, photo: bytes) -> bytes:
+    """The overlay PNG with each face's box (red: fake, green: real, grey: not scored), its index and
+    probability drawn. The server draws the overlay at most --max-heatmap-side pixels long, so boxes
+    (in the photo's own upright pixels, read from `photo`'s header) are scaled to it."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    picture = Image.open(io.BytesIO(png)).convert("RGB")
+    with Image.open(io.BytesIO(photo)) as original:
+        width = original.height if original.getexif().get(0x0112, 1) in (5, 6, 7, 8) else original.width
+    scale = picture.width / width
+    draw = ImageDraw.Draw(picture)
+    for index, face in enumerate(result.faces):
+        box = [v * scale for v in face["box"]]
+        colour = {"fake": (230, 30, 30), "real": (30, 200, 60)}.get(face["label"], (160, 160, 160))
+        draw.rectangle(box, outline=colour, width=max(2, round(picture.width / 400)))
+        text = f"{index} {face['probability']:.2f} {face['label']}" if face["status"] == "scored" else f"{index} {face['status']}"
+        draw.text((box[0] + 2, max(0, box[1] - 12)), text, fill=colour)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def one_by_one(client, data: bytes, options: dict):
@@ -192,25 +221,38 @@ class JsonPrinter:
 
 
 class TablePrinter:
-    """Rows collected, then printed with aligned columns; errors also go to stderr."""
+    """Rows collected, then printed with aligned columns; errors also go to stderr. A photo gets a
+    row per face (`face` its index, `box` left,top,right,bottom in the photo's pixels; the verdict
+    face marked `*`); a picture scored whole has `face` and `box` empty."""
 
-    HEADER = ("image", "score", "probability", "label", "point", "model", "version", "heatmap")
+    HEADER = ("image", "face", "box", "score", "probability", "label", "point", "model", "version", "heatmap")
 
     def __init__(self) -> None:
         self.rows: list[tuple[str, ...]] = []
 
     def result(self, result, heatmap: Path | None) -> None:
-        row = (result.image, f"{result.score:.4f}", f"{result.probability:.4f}", result.label, result.operating_point, result.model,
-               str(result.version), str(heatmap or ""))  # fmt: skip
-        self.rows.append(row)
+        common = (result.operating_point, result.model, str(result.version), str(heatmap or ""))
+        if result.input_kind != "photo":
+            self.rows.append((result.image, "", "", f"{result.score:.4f}", f"{result.probability:.4f}", result.label, *common))
+            return
+        if not result.faces:
+            self.rows.append((result.image, "-", "", "-", "-", "no_face", *common))
+        for index, face in enumerate(result.faces):
+            box = ",".join(str(round(v)) for v in face["box"])
+            mark = "*" if index == result.verdict_face else ""
+            if face["status"] == "scored":
+                self.rows.append((result.image, f"{index}{mark}", box, f"{face['score']:.4f}", f"{face['probability']:.4f}", face["label"], *common))
+            else:
+                self.rows.append((result.image, str(index), box, "-", "-", face["status"], *common))
 
     def error(self, error) -> None:
-        self.rows.append((error.image, "-", "-", "error", "", error.message, "", ""))
+        self.rows.append((error.image, "", "", "-", "-", "error", "", error.message, "", ""))
         print(f"cyborg detect: {error.image}: {error.message}", file=sys.stderr)
 
     def finish(self) -> None:
-        columns = self.HEADER if any(row[-1] for row in self.rows) else self.HEADER[:-1]
-        rows = [row[: len(columns)] for row in self.rows]
+        keep = [i for i, name in enumerate(self.HEADER) if name not in ("face", "box", "heatmap") or any(row[i] for row in self.rows)]
+        columns = [self.HEADER[i] for i in keep]  # face, box and heatmap only when some row has them
+        rows = [[row[i] for i in keep] for row in self.rows]
         widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
         for row in [columns, *rows]:
             print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -32,6 +32,8 @@ FLAGS: dict[str, tuple[dict, str]] = {
     "max_decode_pixels": ({"type": int}, "pixels being decoded at once, server-wide; more is RESOURCE_EXHAUSTED (default: {default} = --max-image-pixels + 16000000)"),
     "max_heatmap_side": ({"type": int}, "longest side of PNG heatmaps and overlays in pixels (default: {default})"),
     "max_batch_items": ({"type": int}, "items in one DetectBatch call (default: {default})"),
+    "max_faces": ({"type": int}, "faces scored in one photo, largest first; the rest are reported as over the limit (default: {default})"),
+    "min_face": ({"type": int}, "smallest face scored in a photo: the side of its aligned square in pixels (default: {default})"),
     "tls_cert": ({}, "server certificate (PEM) for TLS"),
     "tls_key": ({}, "server private key (PEM) for TLS"),
     "tls_client_ca": ({}, "CA (PEM) that client certificates must chain to: mutual TLS"),
@@ -57,7 +59,7 @@ def config_from_args(args: argparse.Namespace):
     from core.errors import UserError
     from serving.server import ServerConfig
 
-    for flag in ("max_batch_size", "max_queue_size", "instances", "max_message_mb", "max_image_pixels", "max_heatmap_side", "max_batch_items"):
+    for flag in ("max_batch_size", "max_queue_size", "instances", "max_message_mb", "max_image_pixels", "max_heatmap_side", "max_batch_items", "max_faces", "min_face"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")

@@ -13,10 +13,81 @@ class HeatmapKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HEATMAP_GRID: _ClassVar[HeatmapKind]
     HEATMAP_PNG: _ClassVar[HeatmapKind]
     HEATMAP_OVERLAY: _ClassVar[HeatmapKind]
+
+class InputKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INPUT_KIND_UNSPECIFIED: _ClassVar[InputKind]
+    INPUT_KIND_ALIGNED: _ClassVar[InputKind]
+    INPUT_KIND_PHOTO: _ClassVar[InputKind]
+    INPUT_KIND_AUTO: _ClassVar[InputKind]
+
+class ImageStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_STATUS_ALIGNED: _ClassVar[ImageStatus]
+    IMAGE_STATUS_FACES: _ClassVar[ImageStatus]
+    IMAGE_STATUS_NO_FACE: _ClassVar[ImageStatus]
+    IMAGE_STATUS_FACES_TOO_SMALL: _ClassVar[ImageStatus]
+
+class FaceStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FACE_SCORED: _ClassVar[FaceStatus]
+    FACE_TOO_SMALL: _ClassVar[FaceStatus]
+    FACE_OVER_LIMIT: _ClassVar[FaceStatus]
 HEATMAP_NONE: HeatmapKind
 HEATMAP_GRID: HeatmapKind
 HEATMAP_PNG: HeatmapKind
 HEATMAP_OVERLAY: HeatmapKind
+INPUT_KIND_UNSPECIFIED: InputKind
+INPUT_KIND_ALIGNED: InputKind
+INPUT_KIND_PHOTO: InputKind
+INPUT_KIND_AUTO: InputKind
+IMAGE_STATUS_ALIGNED: ImageStatus
+IMAGE_STATUS_FACES: ImageStatus
+IMAGE_STATUS_NO_FACE: ImageStatus
+IMAGE_STATUS_FACES_TOO_SMALL: ImageStatus
+FACE_SCORED: FaceStatus
+FACE_TOO_SMALL: FaceStatus
+FACE_OVER_LIMIT: FaceStatus
+
+class Box(_message.Message):
+    __slots__ = ("left", "top", "right", "bottom")
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    RIGHT_FIELD_NUMBER: _ClassVar[int]
+    BOTTOM_FIELD_NUMBER: _ClassVar[int]
+    left: float
+    top: float
+    right: float
+    bottom: float
+    def __init__(self, left: _Optional[float] = ..., top: _Optional[float] = ..., right: _Optional[float] = ..., bottom: _Optional[float] = ...) -> None: ...
+
+class Point(_message.Message):
+    __slots__ = ("x", "y")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    x: float
+    y: float
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
+
+class Face(_message.Message):
+    __slots__ = ("box", "landmarks", "confidence", "status", "score", "probability", "label", "grid")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    LANDMARKS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    box: Box
+    landmarks: _containers.RepeatedCompositeFieldContainer[Point]
+    confidence: float
+    status: FaceStatus
+    score: float
+    probability: float
+    label: str
+    grid: Grid
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., confidence: _Optional[float] = ..., status: _Optional[_Union[FaceStatus, str]] = ..., score: _Optional[float] = ..., probability: _Optional[float] = ..., label: _Optional[str] = ..., grid: _Optional[_Union[Grid, _Mapping]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data", "dtype")
@@ -29,7 +100,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class DetectRequest(_message.Message):
-    __slots__ = ("image", "tensor", "model", "version", "heatmap", "id", "operating_point")
+    __slots__ = ("image", "tensor", "model", "version", "heatmap", "id", "operating_point", "input_kind")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +108,7 @@ class DetectRequest(_message.Message):
     HEATMAP_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_KIND_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     tensor: Tensor
     model: str
@@ -44,7 +116,8 @@ class DetectRequest(_message.Message):
     heatmap: HeatmapKind
     id: str
     operating_point: str
-    def __init__(self, image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., heatmap: _Optional[_Union[HeatmapKind, str]] = ..., id: _Optional[str] = ..., operating_point: _Optional[str] = ...) -> None: ...
+    input_kind: InputKind
+    def __init__(self, image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., heatmap: _Optional[_Union[HeatmapKind, str]] = ..., id: _Optional[str] = ..., operating_point: _Optional[str] = ..., input_kind: _Optional[_Union[InputKind, str]] = ...) -> None: ...
 
 class Grid(_message.Message):
     __slots__ = ("shape", "values")
@@ -85,7 +158,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DetectResponse(_message.Message):
-    __slots__ = ("id", "score", "label", "threshold", "model", "version", "heatmap", "timings", "error", "probability", "operating_point", "probability_threshold")
+    __slots__ = ("id", "score", "label", "threshold", "model", "version", "heatmap", "timings", "error", "probability", "operating_point", "probability_threshold", "faces", "status", "verdict_face", "input_kind")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +171,10 @@ class DetectResponse(_message.Message):
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FACES_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FACE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_KIND_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     label: str
@@ -110,7 +187,11 @@ class DetectResponse(_message.Message):
     probability: float
     operating_point: str
     probability_threshold: float
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., heatmap: _Optional[_Union[Heatmap, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., probability: _Optional[float] = ..., operating_point: _Optional[str] = ..., probability_threshold: _Optional[float] = ...) -> None: ...
+    faces: _containers.RepeatedCompositeFieldContainer[Face]
+    status: ImageStatus
+    verdict_face: int
+    input_kind: InputKind
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., label: _Optional[str] = ..., threshold: _Optional[float] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., heatmap: _Optional[_Union[Heatmap, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., probability: _Optional[float] = ..., operating_point: _Optional[str] = ..., probability_threshold: _Optional[float] = ..., faces: _Optional[_Iterable[_Union[Face, _Mapping]]] = ..., status: _Optional[_Union[ImageStatus, str]] = ..., verdict_face: _Optional[int] = ..., input_kind: _Optional[_Union[InputKind, str]] = ...) -> None: ...
 
 class DetectBatchRequest(_message.Message):
     __slots__ = ("requests",)
