@@ -19,6 +19,7 @@ from core.errors import UserError
 # (command words) -> (module implementing it, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "check"): ("training.commands.data_check", "report problems in a data set (exit 1 on errors)"),
+    ("data", "align"): ("training.commands.data_align", "find the faces in photos and write FFHQ-aligned crops"),
     ("saliency", "prior"): ("training.commands.saliency_prior", "write proxy saliency maps for data without human maps"),
     ("saliency", "merge"): ("training.commands.saliency_merge", "average `cyborg annotate` answers into human saliency maps, with a report"),
     ("annotate",): ("annotate.command", "collect human saliency maps in the browser (and check a photo)"),

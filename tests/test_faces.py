@@ -193,3 +193,20 @@ def synthetic_face_picture() -> Image.Image:
     draw.line((128, 125, 128, 155), fill=(150, 100, 90), width=4)
     draw.arc((100, 170, 156, 200), 0, 180, fill=(120, 40, 40), width=5)
     return picture
+
+
+@needs_shared
+def test_cyborg_data_align_writes_aligned_crops(detector, tmp_path):
+    """`cyborg data align` on a two-photo folder: one crop per face, sub-folders kept."""
+    from cyborg.cli import main
+
+    source = tmp_path / "photos" / "real"
+    source.mkdir(parents=True)
+    for name in ("deepface_c6b19a34da.jpg", "facerec_e145891ce9.jpg"):
+        (source / name).write_bytes((PHOTOS / name).read_bytes())
+    (source / "notes.txt").write_text("not a photo")
+    assert main(["data", "align", str(tmp_path / "photos"), str(tmp_path / "out"), "--size", "128"]) == 0
+    crops = sorted((tmp_path / "out" / "real").iterdir())
+    assert [p.name for p in crops] == ["deepface_c6b19a34da_0.png", "deepface_c6b19a34da_1.png", "facerec_e145891ce9_0.png"]
+    assert all(Image.open(p).size == (128, 128) for p in crops)
+    assert len(detector.detect(Image.open(crops[0]).convert("RGB"))) == 1  # a crop is one face filling the frame
