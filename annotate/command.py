@@ -92,6 +92,7 @@ def make_checker(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import signal
     import ssl
 
     from annotate.app import AppConfig, create_app, is_loopback, start
@@ -116,15 +117,16 @@ def run(args: argparse.Namespace) -> int:
         if checker is not None:
             print(f"check a photo: {link.replace('/?', '/check?') if token else link + 'check'}  (server {args.server})")
         print("Ctrl+C stops", flush=True)
+        stop = asyncio.Event()
+        for signal_number in (signal.SIGINT, signal.SIGTERM):  # both end it cleanly (and merge with --maps)
+            asyncio.get_running_loop().add_signal_handler(signal_number, stop.set)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await runner.cleanup()
 
     try:
         asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
     finally:
         if checker is not None:
             checker.close()

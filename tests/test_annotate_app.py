@@ -214,3 +214,25 @@ def test_check_page_off_without_a_server_and_unreachable_server_is_clear(session
     with pytest.raises(UserError, match="UNAVAILABLE"):
         checker(photo_bytes())
     checker.close()
+
+
+def test_the_command_serves_until_sigterm_then_merges(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    data = make_plain_dataset(tmp_path, n_real=1, n_fake=1, size=SIZE, maps=False)
+    command = [sys.executable, "-m", "cyborg.cli", "annotate", str(data), "--out", str(tmp_path / "s"), "--port", "0", "--maps", str(tmp_path / "maps")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [process.stdout.readline() for _ in range(2)]
+        url = re.search(r"open (http://\S+)", lines[1]).group(1)
+        with urllib.request.urlopen(url + "api/config", timeout=10) as response:
+            assert response.status == 200 and b'"images": 2' in response.read()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    assert "images: 0 of 2 done" in output and (tmp_path / "maps" / "PROVENANCE.json").is_file()
