@@ -271,14 +271,15 @@ async def post_check(request: web.Request) -> web.Response:
 
 class PhotoChecker:
     """Sends a photo to the gRPC server (serving.client, the options of `cyborg detect`) and returns
-    the page's JSON: verdict, calibrated probability, operating point, model, the heatmap overlay."""
+    the page's JSON: verdict, calibrated probability, operating point, model, the heatmap overlay, and
+    for a photo (input kind auto or photo) every face the server found, with its own verdict."""
 
-    def __init__(self, server: str, *, model: str = "", version: int = 0, operating_point: str = "", tls_ca=None, tls_cert=None,
-                 tls_key=None, token: str | None = None, timeout: float = 30.0):  # fmt: skip
+    def __init__(self, server: str, *, model: str = "", version: int = 0, operating_point: str = "", input_kind: str = "auto",
+                 tls_ca=None, tls_cert=None, tls_key=None, token: str | None = None, timeout: float = 30.0):  # fmt: skip
         from serving.client import DetectorClient
 
         self.server = server
-        self.options = {"model": model, "version": version, "operating_point": operating_point}
+        self.options = {"model": model, "version": version, "operating_point": operating_point, "input_kind": input_kind}
         self.client = DetectorClient(server, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token, timeout=timeout, retries=1)
         self._model_info: dict[str, dict[str, Any]] = {}
 
@@ -291,13 +292,11 @@ class PhotoChecker:
             failure = UserError(f"{self.server}: {error}")
             failure.status = 400 if error.code.name in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED") else 502
             raise failure from error
-        answer = result.to_dict()
+        answer = result.to_dict()  # a photo's faces, each with its box, status and verdict, come with it
         answer.pop("image", None)
+        answer.setdefault("input_kind", "aligned")
         if result.heatmap_png:
             answer["heatmap"] = "data:image/png;base64," + base64.b64encode(result.heatmap_png).decode()
-        faces = getattr(result, "faces", None)  # one verdict per face, where the server finds faces
-        if faces:
-            answer["faces"] = [face.to_dict() if hasattr(face, "to_dict") else face for face in faces]
         answer["saliency"] = self.saliency(result.model, result.version)
         return answer
 

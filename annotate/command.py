@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--model", default="", help="model name (default: the server's default model)")
     check.add_argument("--version", type=int, default=0, help="model version (default: the latest)")
     check.add_argument("--operating-point", default="", metavar="NAME|NUMBER", help="as `cyborg detect --operating-point`")
+    check.add_argument("--input-kind", choices=("auto", "photo", "aligned"), default="auto",
+                       help="as `cyborg detect --input-kind` (default: auto, every face of a photo)")  # fmt: skip
     check.add_argument("--tls-ca", type=Path, metavar="FILE", help="CA certificate (PEM): connect with TLS")
     check.add_argument("--tls-cert", type=Path, metavar="FILE", help="client certificate (PEM) for mutual TLS")
     check.add_argument("--tls-key", type=Path, metavar="FILE", help="client private key (PEM) for mutual TLS")
@@ -87,7 +89,7 @@ def make_checker(args: argparse.Namespace):
     check_operating_point(args.operating_point)
     token = read_token(args.token_file) if args.token_file else None
     return PhotoChecker(args.server, model=args.model, version=args.version, operating_point=args.operating_point,
-                        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, timeout=args.timeout)  # fmt: skip
+                        input_kind=args.input_kind, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, timeout=args.timeout)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ client of a real gRPC server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 
 import numpy as np
@@ -181,7 +182,7 @@ def photo_bytes(seed=0, fmt="PNG") -> bytes:
 
 
 def test_check_a_photo_through_the_server(session, grpc_server):
-    checker = PhotoChecker(grpc_server.address, timeout=20)
+    checker = PhotoChecker(grpc_server.address, timeout=20, input_kind="aligned")
 
     async def scenario(client):
         assert (await (await client.get("/api/config")).json())["check"] is True
@@ -201,6 +202,12 @@ def test_check_a_photo_through_the_server(session, grpc_server):
         serve(AppConfig(session, checker=checker), scenario)
     finally:
         checker.close()
+
+
+def test_check_a_photo_without_a_face(grpc_server):
+    with contextlib.closing(PhotoChecker(grpc_server.address, timeout=20)) as checker:  # input kind auto, as cyborg detect
+        answer = checker(photo_bytes())
+    assert answer["input_kind"] == "photo" and answer["status"] == "no_face" and answer["faces"] == []
 
 
 def test_check_page_off_without_a_server_and_unreachable_server_is_clear(session):

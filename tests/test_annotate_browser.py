@@ -174,7 +174,7 @@ def grpc_server(tmp_path_factory):
 def test_check_a_photo_page(page, session, grpc_server, tmp_path):
     photo = tmp_path / "face.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(photo)
-    checker = PhotoChecker(grpc_server.address, timeout=20)
+    checker = PhotoChecker(grpc_server.address, timeout=20, input_kind="aligned")
     try:
         with RunningApp(AppConfig(session, checker=checker)) as app:
             page.goto(f"{app.url}/check")

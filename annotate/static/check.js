@@ -35,9 +35,19 @@
       + (body.saliency ? (body.saliency === "none" ? "; trained without saliency maps" : "; trained with " + body.saliency + " saliency maps") : "");
     const faces = $("faces");
     faces.textContent = "";
+    if (body.input_kind === "photo") {
+      const found = (body.faces || []).length;
+      if (body.status === "no_face") verdict.textContent = "No face found";
+      else if (body.status === "faces_too_small") verdict.textContent = "Faces too small to judge";
+      $("details").textContent = found + " face(s) found; " + $("details").textContent;
+    }
     for (const [index, face] of (body.faces || []).entries()) {
       const line = document.createElement("li");
-      line.textContent = "face " + (index + 1) + ": " + face.label + " (" + percent(face.probability) + " fake)";
+      const box = face.box.map((v) => Math.round(v)).join(", ");
+      line.textContent = "face " + (index + 1) + " at (" + box + "): "
+        + (face.status === "scored" ? face.label + ", " + percent(face.probability) + " fake" : face.status.replace(/_/g, " "))
+        + (index === body.verdict_face ? " (the verdict)" : "");
+      line.dataset.label = face.label || "";
       faces.appendChild(line);
     }
     $("heatmap").src = body.heatmap || "";
