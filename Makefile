@@ -20,12 +20,12 @@ test: setup
 serve: setup
 	$(BIN)/cyborg serve --model-repository models
 
-# Retrain and re-export the embedded default model from scratch on CPU (deterministic for SEED).
-# About 40 minutes on a 2-core CPU; it prints its own running time.
-FACES ?= ../shared/data/faces
-SEED  ?= 0
+# Retrain and re-export the embedded default model (v2) from scratch on CPU (deterministic for SEED).
+# DATA holds faces/, sd21-faces/ and portraits/ (../shared/data/README.md); it prints its own running time.
+DATA ?= ../shared/data
+SEED ?= 0
 default-model: setup
-	$(BIN)/python scripts/default_model.py --faces $(FACES) --seed $(SEED) --repository models
+	$(BIN)/python scripts/default_model.py --data $(DATA) --seed $(SEED) --repository models
 
 protos: setup
 	$(BIN)/python -m serving.proto.generate

@@ -1,11 +1,15 @@
 """Retrain and re-export the embedded default model from scratch, with the project's own commands.
 
-    python scripts/default_model.py --faces ../shared/data/faces --seed 0   (what `make default-model` runs)
+    python scripts/default_model.py --data ../shared/data --seed 0   (what `make default-model` runs)
 
-Steps: proxy saliency maps (`cyborg saliency prior`), a CYBORG, a CE and a `swap` run with the same
-recipe and seed (`cyborg train`), the winner picked on the validation split (never test data),
-`cyborg evaluate` on that split for both (the model card's figures and CAM pictures), then
-`cyborg export` into the model repository. Deterministic for a given seed on CPU.
+Steps: proxy saliency maps for the FFHQ-aligned faces (`cyborg saliency prior`; the other sources
+are not aligned, so they train with CE only), a CYBORG and a CE run with the same recipe and seed on
+every source at once (`cyborg train DATA...`), the winner picked on the validation split (never test
+data), `cyborg evaluate --split val --perturb all` for both (the model card's figures, robustness
+and calibration), then `cyborg export` into the model repository (calibration and operating points
+fitted on validation). With --holdout SOURCE_FOLDER, one more run of the winner's recipe without
+that folder is evaluated on it: what to expect from a generator family the model never saw.
+The recipe runs unchanged on a GPU (`--device cuda`).
 """
 
 from __future__ import annotations
@@ -17,62 +21,79 @@ import sys
 import time
 from pathlib import Path
 
+FOLDERS = ("faces", "sd21-faces", "portraits")  # under --data: FFHQ + StyleGAN, Stable Diffusion 2.1, studio portraits
+ALIGNED = "faces"  # the FFHQ-aligned folder the proxy face-part template fits
 RECIPE = [
-    "--arch", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "224",
-    "--epochs", "6", "--lr-step", "4", "--batch-size", "20", "--device", "cpu", "--no-progress",
+    "--arch", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "224", "--scale", "256",
+    "--augment", "everyday", "--augment-p", "0.1", "--optimizer", "adamw", "--lr", "0.0005",
+    "--weight-decay", "0.05", "--schedule", "cosine", "--epochs", "6", "--batch-size", "32", "--no-progress",
 ]  # fmt: skip
 RUNS = {
     "cyborg": ["--guidance", "cyborg", "--alpha", "0.5"],
     "ce": ["--guidance", "ce", "--alpha", "1"],
-    "swap": ["--guidance", "swap"],  # docs/guidance.md's recommendation on the decoy benchmark
 }
 
 
 def cyborg(*args: str) -> None:
-    command = [sys.executable, "-m", "cyborg.cli", "--log-level", "WARNING", *args]
+    command = [sys.executable, "-m", "cyborg.cli", "--log-level", "INFO", *args]
     print("+ cyborg " + " ".join(args), flush=True)
     subprocess.run(command, check=True)
 
 
-def best_epoch(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return max(rows, key=lambda row: (row["val_auc"] if row["val_auc"] is not None else -1.0, -row["epoch"]))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--faces", type=Path, default=Path("../shared/data/faces"), help="folder with real/ and fake/")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"), help=f"folder holding {', '.join(FOLDERS)}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, default=Path("runs/default-model"), help="scratch folder for maps and runs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work", type=Path, default=Path("runs/default-model-v2"), help="scratch folder for maps and runs")
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--name", default="cyborg-faces")
-    parser.add_argument("--version", type=int, default=1)
+    parser.add_argument("--version", type=int, default=2)
+    parser.add_argument("--runs", default="cyborg,ce", help="which of cyborg, ce to train (the best on validation is exported)")
+    parser.add_argument("--holdout", default=None, help=f"one of {', '.join(FOLDERS)}: also train without it and evaluate on it")
     args = parser.parse_args()
-    if not (args.faces / "real").is_dir() or not (args.faces / "fake").is_dir():
-        parser.error(f"{args.faces}: expected real/ and fake/ folders (the shared faces data set)")
+    folders = [args.data / name for name in FOLDERS]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        parser.error(f"missing data folders: {', '.join(missing)} (see ../shared/data/README.md)")
+    runs = [name for name in args.runs.split(",") if name]
+    if not runs or any(name not in RUNS for name in runs):
+        parser.error(f"--runs: a comma list of {', '.join(RUNS)}")
+    if args.holdout is not None and args.holdout not in FOLDERS:
+        parser.error(f"--holdout: one of {', '.join(FOLDERS)}")
     started = time.monotonic()
     maps = args.work / "maps"
     if not (maps / "PROVENANCE.json").is_file():
-        cyborg("saliency", "prior", str(args.faces), "--out", str(maps))
+        cyborg("saliency", "prior", str(args.data / ALIGNED), "--out", str(maps))
+    data = [str(f) for f in folders]
+    common = ["--heatmaps", str(maps), *RECIPE, "--device", args.device, "--seed", str(args.seed)]
     results = {}
-    for name, flags in RUNS.items():
+    for name in runs:
         run_dir = args.work / name
-        cyborg("train", str(args.faces), "--heatmaps", str(maps), *RECIPE, *flags, "--seed", str(args.seed), "--out", str(run_dir))
-        cyborg("evaluate", str(run_dir / "best.pt"), str(args.faces), "--heatmaps", str(maps), "--split", "val", "--out", str(run_dir / "val"))
-        results[name] = {"best": best_epoch(run_dir), "val": json.loads((run_dir / "val" / "results.json").read_text())}
-    winner = max(results, key=lambda name: results[name]["best"]["val_auc"] or -1.0)
-    cyborg(
-        "export", str(args.work / winner / "best.pt"), "--repository", str(args.repository),
-        "--name", args.name, "--version", str(args.version), "--force",
-    )  # fmt: skip
+        if not (run_dir / "best.pt").is_file() or not (run_dir / "metrics.jsonl").is_file():
+            cyborg("train", *data, *common, *RUNS[name], "--out", str(run_dir))
+        cyborg("evaluate", str(run_dir / "best.pt"), *data, "--heatmaps", str(maps), "--split", "val", "--perturb", "all",
+               "--device", args.device, "--out", str(run_dir / "val"))  # fmt: skip
+        results[name] = json.loads((run_dir / "val" / "results.json").read_text())
+    winner = max(results, key=lambda name: results[name]["auc"] or -1.0)
+    summary = {"winner": winner, "seed": args.seed, "recipe": RECIPE, "runs": {}}
+    for name, result in results.items():
+        summary["runs"][name] = {"flags": RUNS[name], "val_auc": result["auc"], "val_eer": result["eer"],
+                                 "per_source_auc": {s: row["auc"] for s, row in result["per_source"].items()}}  # fmt: skip
+    if args.holdout is not None:
+        kept = [str(args.data / name) for name in FOLDERS if name != args.holdout]
+        run_dir = args.work / f"without-{args.holdout}"
+        if not (run_dir / "best.pt").is_file():
+            cyborg("train", *kept, *common, *RUNS[winner], "--out", str(run_dir))
+        cyborg("evaluate", str(run_dir / "best.pt"), *data, "--heatmaps", str(maps), "--split", "val", "--perturb", "clean",
+               "--device", args.device, "--out", str(run_dir / "val"))  # fmt: skip
+        held = json.loads((run_dir / "val" / "results.json").read_text())
+        summary["holdout"] = {"folder": args.holdout, "val_auc": held["auc"],
+                              "per_source_auc": {s: row["auc"] for s, row in held["per_source"].items()}}  # fmt: skip
+    cyborg("export", str(args.work / winner / "best.pt"), "--repository", str(args.repository),
+           "--name", args.name, "--version", str(args.version), "--force")  # fmt: skip
     elapsed = time.monotonic() - started
-    summary = {
-        "winner": winner,
-        "seed": args.seed,
-        "recipe": RECIPE,
-        "runs": {name: {"flags": RUNS[name], "best_epoch": r["best"]["epoch"], "val_auc": r["best"]["val_auc"], "val_eer": r["best"]["val_eer"]} for name, r in results.items()},
-        "seconds": round(elapsed),
-    }
+    summary["seconds"] = round(elapsed)
     (args.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"default model rebuilt in {elapsed / 60:.1f} min: {args.repository / args.name / str(args.version)} ({winner})")
