@@ -1,0 +1,94 @@
+"""Exported model versions side by side on one data set, clean and under everyday changes.
+
+    .venv/bin/python -m benchmarks.compare_models models/cyborg-faces/1 models/cyborg-faces/2 \
+        --data ../shared/data/faces ../shared/data/sd21-faces ../shared/data/portraits --seed 0 --perturb all
+
+Works from the model repository alone (model.onnx + model.json, no checkpoint): each image goes
+through `core.images.prepare` with each version's own contract, exactly as the server prepares it,
+and through ONNX Runtime on the CPU. The images are the validation split `cyborg train` holds out of
+DATA for --seed and --val-fraction (the newest version's training record gives both by default),
+so a version trained on other images may have seen some of them: say so when reading its figures.
+Prints AUC overall and per source for every perturbation, ECE of the calibrated probability, the
+share of real images called fake at each version's default operating point, and images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from core import contract as c
+from core.images import prepare, read_image
+from core.thresholds import Calibration, expected_calibration_error
+from engines.runtime import OnnxRuntimeBackend
+from training.data import discover, split_samples
+from training.evaluate import binary_metrics, per_source_metrics
+from training.perturb import parse_perturbations
+
+BATCH = 32
+
+
+def score(backend: OnnxRuntimeBackend, images: np.ndarray) -> np.ndarray:
+    return np.concatenate([backend.run(images[i : i + BATCH])[c.SCORE_OUTPUT] for i in range(0, len(images), BATCH)])
+
+
+def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float, perturb: str) -> dict:
+    samples = split_samples(discover(data if len(data) > 1 else data[0]), val_fraction, seed)["val"]
+    labels = np.array([s.label for s in samples])
+    sources = [s.source for s in samples]
+    decoded = [read_image(s.path) for s in samples]
+    report: dict = {"images": len(samples), "seed": seed, "val_fraction": val_fraction, "data": data, "models": {}}
+    for folder in folders:
+        contract = c.read_contract(folder)
+        backend = OnnxRuntimeBackend(folder / c.ONNX_FILE, device="cpu")
+        calibration = Calibration.from_dict(contract.calibration)
+        rows = {}
+        for perturbation in parse_perturbations(perturb):
+            images = np.stack([prepare(perturbation(image), contract) for image in decoded])
+            started = time.perf_counter()
+            scores = score(backend, images)
+            elapsed = time.perf_counter() - started
+            metrics = binary_metrics(labels, scores, contract.threshold)
+            rows[perturbation.name] = {
+                "auc": metrics["auc"],
+                "fpr_at_default": metrics["fpr"],
+                "tpr_at_default": metrics["tpr"],
+                "per_source_auc": {name: row["auc"] for name, row in per_source_metrics(labels, scores, sources, contract.threshold).items()},
+                "per_source_called_fake": {name: row["accuracy"] if name.endswith("fake") else 1 - row["accuracy"]
+                                           for name, row in per_source_metrics(labels, scores, sources, contract.threshold).items()},
+            }  # fmt: skip
+            if perturbation.name == "clean":
+                rows["clean"]["ece_probability"] = expected_calibration_error(labels, calibration.apply(scores))
+                rows["clean"]["images_per_s"] = len(images) / elapsed
+        report["models"][f"{contract.name} v{contract.version}"] = rows
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("versions", nargs="+", type=Path, help="model version folders (model.onnx + model.json)")
+    parser.add_argument("--data", nargs="+", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--perturb", default="clean")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args()
+    report = compare(args.versions, args.data, args.seed, args.val_fraction, args.perturb)
+    for name, rows in report["models"].items():
+        clean = rows["clean"]
+        print(f"{name}: {report['images']} images; clean AUC {clean['auc']:.4f}, ECE {clean['ece_probability']:.4f}, "
+              f"reals called fake {clean['fpr_at_default']:.3f}, {clean['images_per_s']:.1f} images/s")  # fmt: skip
+        sources = sorted(clean["per_source_auc"])
+        print(f"  {'change':<12}{'AUC':>8}" + "".join(f"{s:>18}" for s in sources))
+        for change, row in rows.items():
+            print(f"  {change:<12}{row['auc']:>8.4f}" + "".join(f"{row['per_source_auc'].get(s) or float('nan'):>18.4f}" for s in sources))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
