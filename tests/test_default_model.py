@@ -1,4 +1,5 @@
-"""The embedded default model in models/: it loads, matches its checksums and separates faces."""
+"""The embedded default model in models/: every version loads and matches its checksums; the latest
+(the one `make serve` serves) reproduces its validation figures on the shared data."""
 
 from pathlib import Path
 
@@ -6,18 +7,33 @@ import numpy as np
 import pytest
 
 from core import contract as c
-from core.images import read_image, to_model_input
+from core.images import prepare, read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
-FACES = ROOT.parent / "shared" / "data" / "faces"  # present on developer machines and CI, not for users
+SHARED = ROOT.parent / "shared" / "data"  # present on developer machines and CI, not for users
+FACES = SHARED / "faces"
 MAX_BYTES = 30 * 1024 * 1024
 
 
+def version_dirs() -> list[Path]:
+    versions = sorted((p for p in MODELS.glob("*/*") if (p / c.CONTRACT_FILE).is_file()), key=lambda p: int(p.name))
+    assert versions and len({p.parent for p in versions}) == 1, f"expected one embedded model under {MODELS}, found {versions}"
+    return versions
+
+
 def default_version_dir() -> Path:
-    versions = [p for p in MODELS.glob("*/*") if (p / c.CONTRACT_FILE).is_file()]
-    assert len(versions) == 1, f"expected exactly one embedded model version under {MODELS}, found {versions}"
-    return versions[0]
+    return version_dirs()[-1]  # the server serves the latest version
+
+
+@pytest.fixture(scope="module", params=[p.name for p in version_dirs()])
+def any_version(request):
+    import onnxruntime as ort
+
+    folder = MODELS / version_dirs()[0].parent.name / request.param
+    contract = c.read_contract(folder)  # verifies every file's sha256 against model.json
+    session = ort.InferenceSession(str(folder / c.ONNX_FILE), providers=["CPUExecutionProvider"])
+    return folder, contract, session
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +50,8 @@ def run(session, images: np.ndarray) -> dict[str, np.ndarray]:
     return dict(zip(c.OUTPUT_NAMES, session.run(list(c.OUTPUT_NAMES), {c.INPUT_NAME: images})))
 
 
-def test_committed_model_is_small_complete_and_labelled_as_proxy_trained(model):
-    folder, contract, _ = model
+def test_committed_model_is_small_complete_and_labelled_as_proxy_trained(any_version):
+    folder, contract, _ = any_version
     total = sum(f.stat().st_size for f in folder.parent.rglob("*") if f.is_file())
     assert total <= MAX_BYTES, f"{folder.parent} holds {total} bytes (limit {MAX_BYTES})"
     assert (folder.parent / c.TRITON_CONFIG_FILE).is_file()
@@ -43,8 +59,8 @@ def test_committed_model_is_small_complete_and_labelled_as_proxy_trained(model):
     assert 0.0 < contract.threshold < 1.0
 
 
-def test_outputs_follow_the_contract(model):
-    _, contract, session = model
+def test_outputs_follow_the_contract(any_version):
+    _, contract, session = any_version
     images = np.random.default_rng(0).integers(0, 256, (3, *contract.input_shape), dtype=np.uint8)
     out = run(session, images)
     assert out[c.SCORE_OUTPUT].shape == (3,)
@@ -56,25 +72,38 @@ def test_outputs_follow_the_contract(model):
     assert out[c.CAM_OUTPUT].min() >= 0.0 and out[c.CAM_OUTPUT].max() <= 1.0 + 1e-6
 
 
-@pytest.mark.skipif(not FACES.is_dir(), reason=f"{FACES} (the shared faces data) is not on this machine")
-def test_reproduces_its_validation_auc_on_the_held_out_faces(model):
-    """The validation split is recomputed from the seed in model.json; the ONNX model, fed through the
-    server's preprocessing, must reproduce the AUC recorded at training time on those faces."""
-    from sklearn.metrics import roc_auc_score
-
+def validation_samples(contract: c.ModelContract):
+    """The validation split recomputed from model.json's training record (folders, fraction, seed)."""
     from training.data import discover, split_samples
 
+    roots = contract.training["data"]["root"]
+    folders = [SHARED / Path(root).name for root in ([roots] if isinstance(roots, str) else roots)]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        pytest.skip(f"the default model's training data is not on this machine: {', '.join(missing)}")
+    return split_samples(discover(folders if len(folders) > 1 else folders[0]), contract.training["val_fraction"], contract.training["seed"])["val"]
+
+
+def test_reproduces_its_validation_figures_on_the_held_out_images(model):
+    """The ONNX model, fed through the server's preprocessing (`core.images.prepare`), reproduces the
+    validation AUC recorded at training time, and its default operating point keeps the real
+    portraits' false-positive rate within the model card's promise."""
+    from sklearn.metrics import roc_auc_score
+
     _, contract, session = model
-    val = split_samples(discover(FACES), contract.training["val_fraction"], contract.training["seed"])["val"]
+    val = validation_samples(contract)
     recorded = contract.training["data"]["counts"]["val"]
     assert len(val) == recorded["real"] + recorded["fake"]
-    images = np.stack([to_model_input(read_image(s.path), contract.input_height, contract.input_width) for s in val])
+    images = np.stack([prepare(read_image(s.path), contract) for s in val])
     scores = np.concatenate([run(session, images[i : i + 32])[c.SCORE_OUTPUT] for i in range(0, len(images), 32)])
     labels = np.array([s.label for s in val])
-    auc = roc_auc_score(labels, scores)
-    assert auc == pytest.approx(contract.metrics["validation"]["auc"], abs=0.01)
-    accuracy = float(((scores >= contract.threshold) == labels).mean())
-    assert accuracy >= 0.7
+    assert roc_auc_score(labels, scores) == pytest.approx(contract.metrics["validation"]["auc"], abs=0.01)
+    called_fake = scores >= contract.threshold
+    reals = labels == c.REAL_INDEX
+    assert called_fake[reals].mean() <= 0.03  # fpr1 on validation, with room for a single image of drift
+    portraits = np.array(["portraits" in s.source for s in val])
+    if portraits.any():
+        assert called_fake[portraits].mean() <= 0.02
 
 
 @pytest.mark.skipif(not FACES.is_dir(), reason=f"{FACES} (the shared faces data) is not on this machine")
