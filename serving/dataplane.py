@@ -303,6 +303,16 @@ class DataPlane:
             raise
 
     # ---- worker-pool steps ---------------------------------------------------------------
+    def _decode(self, data: bytes, contract: ModelContract) -> Image.Image:
+        """Decode within the server's limits, at a reduced scale where the picture is far larger than needed."""
+        return decode_image(
+            data,
+            name="image",
+            max_bytes=self.limits.max_image_bytes,
+            max_pixels=self.limits.max_image_pixels,
+            reduce_to=max(REDUCE_MARGIN * needed_side(contract), self.limits.max_heatmap_side),
+        )
+
     def _prepare(self, request: DetectRequest, contract: ModelContract):
         """(picture uint8 [h,w,3] for the heatmap or None, the region of it the model saw, model
         input uint8 [1,3,H,W]) for one request. The picture is the image scaled down to
@@ -311,13 +321,7 @@ class DataPlane:
             raise InvalidArgument("a request needs exactly one of an encoded image or a tensor")
         if request.image is not None:
             with self.decoding.hold(min(header_pixels(request.image), self.limits.max_image_pixels)):
-                image = decode_image(
-                    request.image,
-                    name="image",
-                    max_bytes=self.limits.max_image_bytes,
-                    max_pixels=self.limits.max_image_pixels,
-                    reduce_to=max(REDUCE_MARGIN * needed_side(contract), self.limits.max_heatmap_side),
-                )
+                image = self._decode(request.image, contract)
                 images = prepare(image, contract)[None]
                 picture, region = self._picture(image, request, contract)
             return picture, region, images
@@ -337,13 +341,7 @@ class DataPlane:
         with contextlib.ExitStack() as stack:
             if request.image is not None:
                 stack.enter_context(self.decoding.hold(min(header_pixels(request.image), self.limits.max_image_pixels)))
-                image = decode_image(
-                    request.image,
-                    name="image",
-                    max_bytes=self.limits.max_image_bytes,
-                    max_pixels=self.limits.max_image_pixels,
-                    reduce_to=max(REDUCE_MARGIN * needed_side(contract), self.limits.max_heatmap_side),
-                )
+                image = self._decode(request.image, contract)
             else:
                 image = Image.fromarray(tensor_to_hwc(request.tensor, self.limits.max_image_pixels))
             original = upright_size(request.image, image)
