@@ -137,7 +137,7 @@ def folder_images(folder: str | os.PathLike[str], limit: int = 256) -> list[byte
     paths = image_files(Path(folder), flag="--images")
     images = []
     for path in paths[:limit]:
-        data = path.read_bytes()
+        data = Path(path).read_bytes()
         try:
             decode_image(data, name=str(path))
         except UserError:
@@ -307,11 +307,12 @@ def tensor_requests(tensors: np.ndarray, model: str, version: int) -> list[bytes
     return serialized
 
 
-def image_requests(encoded: Sequence[bytes], model: str, version: int) -> list[bytes]:
-    """Serialized cyborg.v1 DetectRequest messages, one encoded image each, no heatmap."""
+def image_requests(encoded: Sequence[bytes], model: str, version: int, input_kind: str = "") -> list[bytes]:
+    """Serialized cyborg.v1 DetectRequest messages, one encoded image each, no heatmap; `input_kind`
+    "photo" or "auto" sends them through face detection and alignment (one request, many faces)."""
     from serving.client import detect_request
 
-    return [detect_request(data, model=model, version=version).SerializeToString() for data in encoded]
+    return [detect_request(data, model=model, version=version, input_kind=input_kind).SerializeToString() for data in encoded]
 
 
 # ---- the server under test ------------------------------------------------------------------
@@ -450,6 +451,7 @@ def run_benchmark(
     warmup: float | None = None,
     rounds: int = 2,
     server_args: Sequence[str] = (),
+    input_kind: str = "",
 ) -> dict:
     """The full report as a dict (what `--json` prints).
 
@@ -488,7 +490,7 @@ def run_benchmark(
         server_args = [*server_args, f"--max-batch-size={best}"]  # tuned like the baseline, as an operator would
     requests = {
         "tensor": tensor_requests(tensors, contract.name, contract.version),
-        "image": image_requests(encoded, contract.name, contract.version),
+        "image": image_requests(encoded, contract.name, contract.version, input_kind),
     }
     with server_process(Path(repository), extra=server_args) as (address, pid):
         measured = asyncio.run(
@@ -500,7 +502,8 @@ def run_benchmark(
         "server": {"mode": "subprocess", "args": list(server_args), "engine": backend.name, "device": backend.device,
                    "providers": getattr(backend, "providers", []), "cpus": os.cpu_count()},
         "load_average": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
-        "images": {"count": len(encoded), "source": images or "synthetic 512x512 JPEG", "mean_bytes": int(np.mean([len(e) for e in encoded]))},
+        "images": {"count": len(encoded), "source": images or "synthetic 512x512 JPEG", "mean_bytes": int(np.mean([len(e) for e in encoded])),
+                   "input_kind": input_kind or "aligned"},
         "settings": {"concurrency": list(concurrency), "duration_s": duration, "rounds": rounds, "warmup_s": warmup},
         "baseline": {
             "best_batch": best,

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, help="seconds before each server window starts counting (default: min(1, window/4))")
     parser.add_argument("--rate", type=float, help="Poisson request rate per second (default: half of the peak tensor throughput)")
     parser.add_argument("--images", help="folder of images to send (default: 32 synthetic 512x512 JPEGs)")
+    parser.add_argument("--input-kind", default="", choices=["", "aligned", "photo", "auto"],
+                        help="how image requests ask the server to read them: photo or auto finds and aligns every face "
+                        "(the 'image' rows then count photos, the baseline still decodes whole images) (default: aligned)")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="extra `cyborg serve` argument, repeatable (e.g. --server-arg=--max-queue-delay-ms=5)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         duration=args.duration,
         rate=args.rate,
         images=args.images,
+        input_kind=args.input_kind,
         warmup=args.warmup,
         rounds=args.rounds,
         server_args=args.server_arg,
