@@ -64,3 +64,18 @@ def test_ideal_batcher_tail_depends_on_what_batching_saves():
     assert cpu_like["p50_ms"] > 1000 / 45.0 * 0.99  # never faster than one image alone
     assert cpu_like["p99_over_p50"] > 3.0
     assert gpu_like["p99_over_p50"] < 2.0
+
+
+def test_folder_images_reads_the_readable_images_of_a_folder(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.serve import folder_images
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buffer, format="PNG")
+    (tmp_path / "a.png").write_bytes(buffer.getvalue())
+    (tmp_path / "b.jpg").write_bytes(b"not an image")
+    assert folder_images(tmp_path) == [buffer.getvalue()]
