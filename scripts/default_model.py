@@ -2,8 +2,12 @@
 
     python scripts/default_model.py --data ../shared/data --seed 0   (what `make default-model` runs)
 
-Steps: proxy saliency maps for the FFHQ-aligned faces (`cyborg saliency prior`; the other sources
-are not aligned, so they train with CE only), a CYBORG and a CE run with the same recipe and seed on
+Steps: the sources that are not FFHQ-aligned (Stable Diffusion faces, studio portraits) are turned
+into aligned face crops with `cyborg data align` (what the server does to a photo, so training and
+serving see faces the same way), split as the seed-0 hold-out of the original folders splits them
+(a face's validation image is never another version's training image); proxy saliency maps for the
+FFHQ-aligned faces (`cyborg saliency prior`; the aligned crops of other sources train with CE
+only); a CYBORG and a CE run with the same recipe and seed on
 every source at once (`cyborg train DATA...`), the winner picked on the validation split (never test
 data), `cyborg evaluate --split val --perturb all` for both (the model card's figures, robustness
 and calibration), then `cyborg export` into the model repository (calibration and operating points
@@ -16,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 FOLDERS = ("faces", "sd21-faces", "portraits")  # under --data: FFHQ + StyleGAN, Stable Diffusion 2.1, studio portraits
-ALIGNED = "faces"  # the FFHQ-aligned folder the proxy face-part template fits
+ALIGNED = "faces"  # the FFHQ-aligned folder (used as is; the proxy face-part template fits it)
+VAL_FRACTION = 0.1
 RECIPE = [
     "--arch", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "224", "--scale", "256",
     "--augment", "everyday", "--augment-p", "0.1", "--optimizer", "adamw", "--lr", "0.0005",
@@ -40,15 +46,45 @@ def cyborg(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
+def prepared_data(data: Path, work: Path, seed: int) -> list[str]:
+    """WORK/data/FOLDER/{train,val}/CLASS: links to the aligned folder's images and to aligned crops of
+    the others (`cyborg data align`, the largest face of each image), split as `cyborg train` splits
+    the original folders for `seed`, so every version's validation images are the same faces."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from training.data import discover, split_samples
+
+    out = work / "data"
+    if out.is_dir():
+        return [str(out / name) for name in FOLDERS]
+    for name in FOLDERS:
+        if name != ALIGNED:
+            for label in ("real", "fake"):
+                if (data / name / label).is_dir():
+                    cyborg("data", "align", str(data / name / label), str(work / "aligned" / name / label), "--max-faces", "1")
+    splits = split_samples(discover([str(data / name) for name in FOLDERS]), VAL_FRACTION, seed)
+    for split in ("train", "val"):
+        for sample in splits[split]:
+            folder, label = sample.source.split("/")
+            source = sample.path.resolve()
+            if folder != ALIGNED:
+                source = (work / "aligned" / folder / label / f"{sample.path.stem}_0.png").resolve()
+                if not source.is_file():
+                    continue  # no face found: the image is left out
+            target = out / folder / split / label
+            target.mkdir(parents=True, exist_ok=True)
+            os.symlink(source, target / source.name)
+    return [str(out / name) for name in FOLDERS]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help=f"folder holding {', '.join(FOLDERS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--work", type=Path, default=Path("runs/default-model-v2"), help="scratch folder for maps and runs")
+    parser.add_argument("--work", type=Path, default=Path("runs/default-model"), help="scratch folder for data links, maps and runs")
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--name", default="cyborg-faces")
-    parser.add_argument("--version", type=int, default=2)
+    parser.add_argument("--version", type=int, default=3)
     parser.add_argument("--runs", default="cyborg,ce", help="which of cyborg, ce to train (the best on validation is exported)")
     parser.add_argument("--holdout", default=None, help=f"one of {', '.join(FOLDERS)}: also train without it and evaluate on it")
     args = parser.parse_args()
@@ -65,7 +101,7 @@ def main() -> int:
     maps = args.work / "maps"
     if not (maps / "PROVENANCE.json").is_file():
         cyborg("saliency", "prior", str(args.data / ALIGNED), "--out", str(maps))
-    data = [str(f) for f in folders]
+    data = prepared_data(args.data, args.work, args.seed)
     common = ["--heatmaps", str(maps), *RECIPE, "--device", args.device, "--seed", str(args.seed)]
     results = {}
     for name in runs:
@@ -81,7 +117,7 @@ def main() -> int:
         summary["runs"][name] = {"flags": RUNS[name], "val_auc": result["auc"], "val_eer": result["eer"],
                                  "per_source_auc": {s: row["auc"] for s, row in result["per_source"].items()}}  # fmt: skip
     if args.holdout is not None:
-        kept = [str(args.data / name) for name in FOLDERS if name != args.holdout]
+        kept = [folder for folder in data if Path(folder).name != args.holdout]
         run_dir = args.work / f"without-{args.holdout}"
         if not (run_dir / "best.pt").is_file():
             cyborg("train", *kept, *common, *RUNS[winner], "--out", str(run_dir))

@@ -77,10 +77,10 @@ def validation_samples(contract: c.ModelContract):
     from training.data import discover, split_samples
 
     roots = contract.training["data"]["root"]
-    folders = [SHARED / Path(root).name for root in ([roots] if isinstance(roots, str) else roots)]
+    folders = [ROOT / root for root in ([roots] if isinstance(roots, str) else roots)]  # as given to `cyborg train` in the repository
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
-        pytest.skip(f"the default model's training data is not on this machine: {', '.join(missing)}")
+        pytest.skip(f"the default model's training data is not on this machine: {', '.join(missing)} (make default-model writes it)")
     return split_samples(discover(folders if len(folders) > 1 else folders[0]), contract.training["val_fraction"], contract.training["seed"])["val"]
 
 
