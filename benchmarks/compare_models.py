@@ -53,13 +53,14 @@ def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float
             scores = score(backend, images)
             elapsed = time.perf_counter() - started
             metrics = binary_metrics(labels, scores, contract.threshold)
+            per_source = per_source_metrics(labels, scores, sources, contract.threshold)
             rows[perturbation.name] = {
                 "auc": metrics["auc"],
                 "fpr_at_default": metrics["fpr"],
                 "tpr_at_default": metrics["tpr"],
-                "per_source_auc": {name: row["auc"] for name, row in per_source_metrics(labels, scores, sources, contract.threshold).items()},
+                "per_source_auc": {name: row["auc"] for name, row in per_source.items()},
                 "per_source_called_fake": {name: row["accuracy"] if name.endswith("fake") else 1 - row["accuracy"]
-                                           for name, row in per_source_metrics(labels, scores, sources, contract.threshold).items()},
+                                           for name, row in per_source.items()},
             }  # fmt: skip
             if perturbation.name == "clean":
                 rows["clean"]["ece_probability"] = expected_calibration_error(labels, calibration.apply(scores))

@@ -28,8 +28,7 @@ import torch
 from PIL import Image
 
 from core.errors import UserError
-from core.contract import CLASS_NAMES, FAKE_INDEX, REAL_INDEX
-from core.contract import LEGACY_SCALE
+from core.contract import CLASS_NAMES, FAKE_INDEX, LEGACY_SCALE, REAL_INDEX
 from core.images import crop_box, is_image_file, read_image, scale_to, scaled_size, to_chw, to_model_input
 from training.saliency import load_map, prepare_map, read_provenance
 
