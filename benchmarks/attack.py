@@ -59,7 +59,8 @@ def percentiles(latencies: list[float]) -> dict:
     return {"n": len(values), "p50_ms": round(float(np.percentile(values, 50)), 1), "p99_ms": round(float(np.percentile(values, 99)), 1)}
 
 
-def measure_normal(stub, request, count: int, stop: threading.Event | None = None, pause: float = 0.05) -> list[float]:
+def measure_normal(stub, request, count: int, stop: threading.Event | None = None, pause: float = 0.05, timings: list | None = None) -> list[float]:
+    """Client latencies (s) of `count` normal requests; the server's own timings of each go to `timings`."""
     import grpc
 
     latencies = []
@@ -68,13 +69,26 @@ def measure_normal(stub, request, count: int, stop: threading.Event | None = Non
             break
         started = time.perf_counter()
         try:
-            stub.Detect(request, timeout=60)
+            response = stub.Detect(request, timeout=60)
         except grpc.RpcError as error:
             print(f"normal request failed: {error.code().name}: {error.details()}", file=sys.stderr)
             continue
         latencies.append(time.perf_counter() - started)
+        if timings is not None:
+            t = response.timings
+            timings.append((t.decode_ms, t.queue_ms, t.compute_ms, t.total_ms))
         time.sleep(pause)
     return latencies
+
+
+def breakdown(timings: list) -> dict:
+    """p50 / p99 (ms) of each part of the server's time for the normal request; `after` is the rest
+    of the server time (the heatmap, the response)."""
+    if not timings:
+        return {}
+    values = np.asarray(timings)
+    parts = {"decode": values[:, 0], "queue": values[:, 1], "compute": values[:, 2], "after": values[:, 3] - values[:, :3].sum(1), "server_total": values[:, 3]}
+    return {name: [round(float(np.percentile(v, 50)), 1), round(float(np.percentile(v, 99)), 1)] for name, v in parts.items()}
 
 
 def attacker(address: str, index: int, cases: list, stop: threading.Event, outcomes: collections.Counter, lock: threading.Lock) -> None:
@@ -104,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attackers", type=int, default=6, help="attacking clients (default: 6)")
     parser.add_argument("--idle-requests", type=int, default=60)
     parser.add_argument("--server-flag", action="append", default=[], help="extra `cyborg serve` flag (repeatable)")
+    parser.add_argument("--cases", default="", help="comma-separated case numbers to send (1-5, default: all)")
     args = parser.parse_args(argv)
 
     import grpc
@@ -129,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
          pb.DetectBatchRequest(requests=[pb.DetectRequest(image=bomb, heatmap=pb.HEATMAP_OVERLAY)] * 12).SerializeToString()),
         ("ModelInfer 200 rows", "/inference.GRPCInferenceService/ModelInfer", infer.SerializeToString()),
     ]  # fmt: skip
+    if args.cases:
+        cases = [cases[int(number) - 1] for number in args.cases.split(",")]
     normal = pb.DetectRequest(image=normal_jpeg(), heatmap=pb.HEATMAP_PNG)
     report = {"bomb_png_bytes": len(bomb), "attack_cases": [name for name, _, _ in cases], "attackers": args.attackers, "duration_s": args.duration}
     with server_process(Path(args.model_repository), extra=args.server_flag) as (address, pid):
@@ -136,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             stub = pb_grpc.DetectorStub(channel)
             measure_normal(stub, normal, 10)  # warm
             report["rss_idle_mb"] = round(rss_mb(pid))
-            report["normal_idle"] = percentiles(measure_normal(stub, normal, args.idle_requests))
+            idle_timings, under_timings = [], []
+            report["normal_idle"] = percentiles(measure_normal(stub, normal, args.idle_requests, timings=idle_timings))
             stop, lock, outcomes = threading.Event(), threading.Lock(), collections.Counter()
             threads = [threading.Thread(target=attacker, args=(address, i, cases, stop, outcomes, lock)) for i in range(args.attackers)]
             for thread in threads:
@@ -145,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             ends = time.monotonic() + args.duration
             under = []
             while time.monotonic() < ends:
-                under += measure_normal(stub, normal, 1)
+                under += measure_normal(stub, normal, 1, timings=under_timings)
             stop.set()
             for thread in threads:
                 thread.join(180)
             report["normal_under_attack"] = percentiles(under)
+            report["server_ms_idle_p50_p99"] = breakdown(idle_timings)
+            report["server_ms_under_attack_p50_p99"] = breakdown(under_timings)
             report["peak_rss_mb"] = round(peak_rss_mb(pid))
             report["attack_outcomes"] = dict(sorted(outcomes.items()))
     report["p99_ratio"] = round(report["normal_under_attack"]["p99_ms"] / report["normal_idle"]["p99_ms"], 2)

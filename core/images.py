@@ -32,6 +32,7 @@ DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000
 MIN_SIDE = 8
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR}[RESIZE_METHOD]
+REDUCE_STRIP_PIXELS = 1 << 20  # pixels widened at once when a mode must be widened before `reduce`
 
 
 def decode_image(
@@ -96,15 +97,21 @@ def clip(text: str, limit: int = 120) -> str:
 
 def reduced(image: Image.Image, factor: int) -> Image.Image:
     """`image` shrunk by an integer `factor` with a box filter (Pillow's `reduce`); modes `reduce`
-    does not take are converted first (bilevel to L, palette to RGBA, 16-bit to 32-bit), and any
-    other is left unchanged."""
+    does not take are widened first (bilevel to L, palette to RGBA, 16-bit to 32-bit), one strip of
+    rows at a time, so a 64-Mpixel bilevel image never exists as 64 MB of gray (or a palette one as
+    256 MB of RGBA) beside itself; any other mode is left unchanged."""
     wider = {"1": "L", "P": "RGBA", "I;16": "I", "I;16L": "I", "I;16B": "I"}.get(image.mode)
-    if wider:
-        image = image.convert(wider)
-    try:
-        return image.reduce(factor)
-    except (ValueError, NotImplementedError):
-        return image
+    if not wider:
+        try:
+            return image.reduce(factor)
+        except (ValueError, NotImplementedError):
+            return image
+    width, height = image.size
+    rows = factor * max(1, REDUCE_STRIP_PIXELS // (width * factor))  # whole boxes: the same result as at once
+    out = Image.new(wider, (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, rows):
+        out.paste(image.crop((0, top, width, min(height, top + rows))).convert(wider).reduce(factor), (0, top // factor))
+    return out
 
 
 def read_image(path: str | os.PathLike[str], **limits) -> Image.Image:

@@ -66,11 +66,12 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0):
+    def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0, memory_arena: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        options.enable_cpu_mem_arena = memory_arena  # off: activations freed after each run (small batches only)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Idle intra-op threads otherwise spin between batches and take CPU from decoding and gRPC
         # (docs/benchmarks.md, "Serving throughput": 20.6-23.2 -> 14.1-14.8 ms of server CPU per image).

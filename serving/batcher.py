@@ -8,9 +8,13 @@ hands each caller exactly its own rows. A request is never split, so a request l
 batch size runs alone. The queue is bounded: `QueueFull` (RESOURCE_EXHAUSTED) when full.
 
 Pieces of a bulk request (a raw-inference request split into engine-sized pieces, submitted with
-`bulk=True`) go into a batch after the ordinary requests waiting with them, unless the oldest has
-waited BULK_MAX_WAIT: a caller behind someone's 200-row request waits for one batch, not for the
-whole request, and bulk work still moves while ordinary traffic saturates the engine.
+`bulk=True`) never share a batch with ordinary requests. With a `bulk_run` engine (the server gives
+one to ONNX Runtime on CPU: a second session of one intra-op thread) they run in a lane of their
+own, one batch at a time on a low-priority thread (serving.workers), beside the ordinary batches:
+an ordinary caller neither queues behind them nor loses the CPU to them. Without one they take the
+engine only when no ordinary request waits, unless the oldest waited BULK_MAX_WAIT: a caller behind
+someone's 200-row request waits for one small piece, not the whole request, and bulk work still
+moves while ordinary traffic saturates the engine.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import numpy as np
 
 from serving.errors import DeadlineExceeded, QueueFull, ShuttingDown
 from serving.metrics import Metrics
+from serving.workers import low_priority_pool
 
 log = logging.getLogger(__name__)
 
 RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
 BULK_MAX_WAIT = 1.0  # seconds a bulk piece may be passed over by ordinary requests
+BULK_PIECE_DIVISOR = 8  # a raw request over max_batch_size rows runs in pieces of max_batch_size / 8 rows
 
 
 @dataclasses.dataclass
@@ -64,8 +70,10 @@ class Batcher:
         executor: Executor | None = None,
         metrics: Metrics | None = None,
         labels: tuple[str, str] = ("", ""),
+        bulk_run: RunFn | None = None,
     ):
         self.run = run
+        self.bulk_run = bulk_run
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_ms / 1e3
         self.max_queue_size = max_queue_size
@@ -78,12 +86,25 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
         self._closed = False
-        self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{labels[0]}-{labels[1]}")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._collect(), name=f"batcher-{labels[0]}-{labels[1]}")
         self._task.add_done_callback(self._collector_ended)
+        self._bulk_queue: collections.deque[_Pending] = collections.deque()
+        self._bulk_wakeup = asyncio.Event()
+        self._bulk_task = self._bulk_executor = None
+        if bulk_run is not None:
+            self._bulk_executor = low_priority_pool(1, f"bulk-{labels[0]}")
+            self._bulk_task = loop.create_task(self._collect_bulk(), name=f"batcher-bulk-{labels[0]}-{labels[1]}")
+            self._bulk_task.add_done_callback(self._collector_ended)
+
+    @property
+    def bulk_rows(self) -> int:
+        """Rows of one bulk piece, and of one batch of the bulk lane."""
+        return max(1, self.max_batch_size // BULK_PIECE_DIVISOR)
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._bulk_queue)
 
     def submit(self, images: np.ndarray, deadline: float | None = None, bulk: bool = False) -> asyncio.Future:
         """Enqueue uint8 [n,3,H,W]; the returned future resolves to this caller's `BatchResult`.
@@ -93,23 +114,33 @@ class Batcher:
         """
         if self._closed:
             raise ShuttingDown("model is unloading")
-        if len(self._queue) >= self.max_queue_size:
+        if self.pending >= self.max_queue_size:
             raise QueueFull(f"model {self.labels[0]} v{self.labels[1]}: queue is full ({self.max_queue_size} requests)")
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(images, deadline, future, time.perf_counter(), bulk))
+        pending = _Pending(images, deadline, future, time.perf_counter(), bulk)
+        if bulk and self.bulk_run is not None:
+            self._bulk_queue.append(pending)
+            self._bulk_wakeup.set()
+        else:
+            self._queue.append(pending)
+            self._wakeup.set()
         self._gauge()
-        self._wakeup.set()
         return future
 
     async def close(self) -> None:
         """Finish every queued and running batch, then stop."""
         self._closed = True
         self._wakeup.set()
+        self._bulk_wakeup.set()
         await self._task
+        if self._bulk_task is not None:
+            await self._bulk_task
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         if self._own_executor:
             self._executor.shutdown(wait=False)
+        if self._bulk_executor is not None:
+            self._bulk_executor.shutdown(wait=False)
 
     # ---- internals -----------------------------------------------------------------------
     def _collector_ended(self, task: asyncio.Task) -> None:
@@ -118,14 +149,15 @@ class Batcher:
             return
         log.error("batcher for %s v%s stopped", *self.labels, exc_info=task.exception())
         self._closed = True
-        while self._queue:
-            pending = self._queue.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(ShuttingDown(f"model {self.labels[0]} v{self.labels[1]}: batcher stopped"))
+        for queue in (self._queue, self._bulk_queue):
+            while queue:
+                pending = queue.popleft()
+                if not pending.future.done():
+                    pending.future.set_exception(ShuttingDown(f"model {self.labels[0]} v{self.labels[1]}: batcher stopped"))
 
     def _gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(*self.labels).set(len(self._queue))
+            self.metrics.queue_depth.labels(*self.labels).set(self.pending)
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -147,14 +179,29 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
-            batch = self._take()
+            batch, self._queue = take(self._queue, self.max_batch_size)
             self._gauge()
             if not batch:
                 self._slots.release()
                 continue
-            task = loop.create_task(self._execute(batch))
+            task = loop.create_task(self._execute(batch, self.run, self._executor, self._slots))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+
+    async def _collect_bulk(self) -> None:
+        """The bulk lane: pieces waiting now, up to `bulk_rows` (a small batch holds little engine
+        memory), one batch at a time."""
+        while True:
+            if not self._bulk_queue:
+                if self._closed:
+                    return
+                self._bulk_wakeup.clear()
+                await self._bulk_wakeup.wait()
+                continue
+            batch, self._bulk_queue = take(self._bulk_queue, self.bulk_rows)
+            self._gauge()
+            if batch:
+                await self._execute(batch, self.bulk_run, self._bulk_executor)
 
     def _rows_queued(self) -> int:
         rows = 0
@@ -164,39 +211,12 @@ class Batcher:
                 break
         return rows
 
-    def _take(self) -> list[_Pending]:
-        """Pop requests for one batch, failing the expired and skipping the abandoned; ordinary
-        requests first, then bulk pieces (first of all a bulk piece that waited BULK_MAX_WAIT)."""
-        now = time.monotonic()
-        live: list[_Pending] = []
-        for pending in self._queue:
-            if pending.future.done():  # the caller was cancelled
-                continue
-            if pending.deadline is not None and pending.deadline <= now:
-                pending.future.set_exception(DeadlineExceeded("deadline passed while queued; not computed"))
-                continue
-            live.append(pending)
-        overdue = time.perf_counter() - BULK_MAX_WAIT
-        order = sorted(range(len(live)), key=lambda i: (live[i].bulk and live[i].enqueued > overdue, i))
-        batch: list[_Pending] = []
-        taken: set[int] = set()
-        rows = 0
-        for i in order:
-            size = len(live[i].images)
-            if batch and rows + size > self.max_batch_size:
-                break
-            batch.append(live[i])
-            taken.add(i)
-            rows += size
-        self._queue = collections.deque(pending for i, pending in enumerate(live) if i not in taken)
-        return batch
-
-    async def _execute(self, batch: list[_Pending]) -> None:
+    async def _execute(self, batch: list[_Pending], run: RunFn, executor: Executor, slots: asyncio.Semaphore | None = None) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
             images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
-            outputs = await loop.run_in_executor(self._executor, self.run, images)
+            outputs = await loop.run_in_executor(executor, run, images)
         except Exception as error:  # noqa: BLE001 - every caller of the batch gets the error
             log.exception("batch of %d failed for %s v%s", len(batch), *self.labels)
             for pending in batch:
@@ -204,7 +224,8 @@ class Batcher:
                     pending.future.set_exception(error)
             return
         finally:
-            self._slots.release()
+            if slots is not None:
+                slots.release()
         finished = time.perf_counter()
         compute = finished - started
         rows = sum(len(p.images) for p in batch)
@@ -220,3 +241,34 @@ class Batcher:
                 self.metrics.queue_duration.labels(*self.labels).observe(queued)
             if not pending.future.done():
                 pending.future.set_result(BatchResult(mine, queued * 1e3, compute * 1e3, rows))
+
+
+def take(queue: collections.deque[_Pending], max_rows: int) -> tuple[list[_Pending], collections.deque[_Pending]]:
+    """(one batch, the queue left) from `queue`: the expired fail (DEADLINE_EXCEEDED, never
+    computed) and the abandoned are dropped; requests are taken in order up to `max_rows` (a lone
+    larger one runs alone). Bulk pieces never join ordinary requests: a bulk piece that waited
+    BULK_MAX_WAIT goes first (alone), else ordinary requests, and bulk pieces only when no ordinary
+    request waits."""
+    now = time.monotonic()
+    live: list[_Pending] = []
+    for pending in queue:
+        if pending.future.done():  # the caller was cancelled
+            continue
+        if pending.deadline is not None and pending.deadline <= now:
+            pending.future.set_exception(DeadlineExceeded("deadline passed while queued; not computed"))
+            continue
+        live.append(pending)
+    overdue = time.perf_counter() - BULK_MAX_WAIT
+    stale = [p for p in live if p.bulk and p.enqueued <= overdue]
+    ordinary = [p for p in live if not p.bulk]
+    candidates = stale[:1] if stale and ordinary else ordinary or live
+    batch: list[_Pending] = []
+    rows = 0
+    for pending in candidates:
+        size = len(pending.images)
+        if batch and (rows + size > max_rows or pending.bulk != batch[0].bulk):
+            break
+        batch.append(pending)
+        rows += size
+    taken = {id(p) for p in batch}
+    return batch, collections.deque(p for p in live if id(p) not in taken)

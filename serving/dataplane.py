@@ -2,8 +2,9 @@
 
 Servicers (Detector, Open Inference Protocol) convert wire messages to `DetectRequest` or raw
 arrays, call a `DataPlane`, and convert the results back; nothing here knows about protobuf.
-Decoding, resizing and heatmap rendering run on a worker pool; inference goes through the
-model's dynamic batcher; every outcome is counted in the metrics.
+Decoding, resizing and heatmap rendering run on a worker pool (images over
+`Limits.low_priority_pixels` on a pool of low-priority threads, serving.workers); inference goes
+through the model's dynamic batcher; every outcome is counted in the metrics.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ class DetectResult:
 
 
 DECODE_HEADROOM_PIXELS = 16_000_000  # the default decode budget's room for ordinary images beside one at the limit
+LOW_PRIORITY_PIXELS = 16_000_000  # images over this are decoded and drawn at low CPU priority
 REDUCE_MARGIN = 2  # images are decoded at no less than this many times the side the model needs
-BULK_PIECE_DIVISOR = 8  # a raw request over max_batch_size rows runs in pieces of max_batch_size / 8 rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Limits:
     max_batch_items: int = 1024  # items in one DetectBatch call
     max_faces: int = DEFAULT_MAX_FACES  # faces scored in one photo (largest first; the rest: over_limit)
     min_face: int = DEFAULT_MIN_FACE  # smallest face scored: its FFHQ square's side in original pixels
+    low_priority_pixels: int = LOW_PRIORITY_PIXELS  # larger images: decoded and drawn on the low-priority pool; 0: never
 
     @property
     def decode_pixels(self) -> int:
@@ -120,9 +122,10 @@ class PixelBudget:
 class DataPlane:
     """Protocol-free serving API over a model repository."""
 
-    def __init__(self, repository: ModelRepository, pool: Executor, metrics: Metrics, limits: Limits = Limits()):
+    def __init__(self, repository: ModelRepository, pool: Executor, metrics: Metrics, limits: Limits = Limits(), low_priority_pool: Executor | None = None):
         self.repository = repository
         self.pool = pool
+        self.low_priority_pool = low_priority_pool  # for images over limits.low_priority_pixels (None: `pool`)
         self.metrics = metrics
         self.limits = limits
         self.decoding = PixelBudget(limits.decode_pixels)
@@ -177,15 +180,16 @@ class DataPlane:
             with model.use():
                 loop = asyncio.get_running_loop()
                 contract = model.contract
+                pool = self.pool_for(request)
                 if request.input_kind != "aligned":
-                    photo = await loop.run_in_executor(self.pool, self._prepare_photo, request, contract)
+                    photo = await loop.run_in_executor(pool, self._prepare_photo, request, contract)
                     if not isinstance(photo, tuple):  # faces to score one by one
-                        result = await self._detect_faces(request, model, point, photo, started)
+                        result = await self._detect_faces(request, model, point, photo, started, pool)
                         self.metrics.request_succeeded(*labels, time.perf_counter() - started)
                         return result
                     picture, region, images = photo  # auto: one face filling the frame
                 elif needs_pool(request, contract):
-                    picture, region, images = await loop.run_in_executor(self.pool, self._prepare, request, contract)
+                    picture, region, images = await loop.run_in_executor(pool, self._prepare, request, contract)
                 else:  # a tensor already at the model's size: no decoding, no resizing
                     picture, region, images = self._prepare(request, contract)
                 decoded = time.perf_counter()
@@ -194,7 +198,7 @@ class DataPlane:
                 cam = np.asarray(result.outputs[CAM_OUTPUT][0], dtype=np.float32)
                 png = None
                 if request.heatmap in ("png", "overlay"):
-                    png = await loop.run_in_executor(self.pool, heatmaps.render, request.heatmap, cam, picture, region)
+                    png = await loop.run_in_executor(pool, heatmaps.render, request.heatmap, cam, picture, region)
         except BaseException as error:
             self.metrics.request_failed(*labels, reason_of(error) if isinstance(error, Exception) else "cancelled")
             raise
@@ -221,7 +225,7 @@ class DataPlane:
             },
         )
 
-    async def _detect_faces(self, request: DetectRequest, model, point, photo: Photo, started: float) -> DetectResult:
+    async def _detect_faces(self, request: DetectRequest, model, point, photo: Photo, started: float, pool: Executor) -> DetectResult:
         """Score the faces `_prepare_photo` found: their rows go through the batcher (in pieces of at
         most max_batch_size, so they join batches with other requests' rows), then the verdict is the
         most suspicious face."""
@@ -245,7 +249,7 @@ class DataPlane:
         png = None
         if best is not None and request.heatmap in ("png", "overlay"):
             png = await asyncio.get_running_loop().run_in_executor(
-                self.pool, place_cams, request.heatmap, [f.cam for f in scored], found.decoded, photo.picture, scale, contract
+                pool, place_cams, request.heatmap, [f.cam for f in scored], found.decoded, photo.picture, scale, contract
             )
         status = "faces" if scored else "faces_too_small" if found.faces else "no_face"
         return DetectResult(
@@ -292,6 +296,21 @@ class DataPlane:
             raise
         self.metrics.request_succeeded(*labels, time.perf_counter() - started)
         return outputs
+
+    def pool_for(self, request: DetectRequest) -> Executor:
+        """The worker pool for a request's decoding and drawing: the low-priority one for an image
+        over `low_priority_pixels` (by its header, or a tensor's sides), so that a few huge images
+        do not take the CPU from ordinary requests."""
+        limit = self.limits.low_priority_pixels
+        if self.low_priority_pool is None or limit <= 0:
+            return self.pool
+        if request.image is not None:
+            pixels = header_pixels(request.image)
+        elif request.tensor is not None and request.tensor.ndim == 3:
+            pixels = request.tensor.size // 3
+        else:
+            pixels = 0
+        return self.low_priority_pool if pixels > limit else self.pool
 
     def _lookup(self, name: str, version: int):
         """The loaded model for a request; a failed lookup is counted under empty model labels
@@ -391,12 +410,13 @@ async def run_in_chunks(batcher, images: np.ndarray, deadline: float | None) -> 
     """Raw inference of uint8 [B,3,H,W] through `batcher`; outputs in row order.
 
     A request of at most max_batch_size rows is queued whole. A larger one never makes one
-    outsized engine call: it runs in pieces of max_batch_size / BULK_PIECE_DIVISOR rows, each queued
-    when the one before it is done and as bulk work (see serving.batcher), so other callers'
-    requests go between the pieces and wait for at most one small piece, not the whole request.
+    outsized engine call: it runs in pieces of `batcher.bulk_rows` (max_batch_size / 8) rows, each
+    queued when the one before it is done and as bulk work (see serving.batcher: a low-priority lane
+    of its own, or the engine when no ordinary request waits), so other callers' requests do not
+    wait for the whole request.
     """
     bulk = len(images) > batcher.max_batch_size
-    step = max(1, batcher.max_batch_size // BULK_PIECE_DIVISOR) if bulk else len(images)
+    step = batcher.bulk_rows if bulk else len(images)
     results = [await batcher.submit(images[start : start + step], deadline, bulk) for start in range(0, len(images), step)]
     if len(results) == 1:
         return results[0].outputs

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.batcher import Batcher
+from serving.batcher import BULK_PIECE_DIVISOR, Batcher
 from core.contract import CONTRACT_FILE, ONNX_FILE, TENSORRT_FILE, ModelContract, read_contract
 from serving.errors import ModelNotFound, ModelNotReady, quote
 from serving.metrics import Metrics
-from engines.runtime import Backend, load_backend
+from engines.runtime import Backend, OnnxRuntimeBackend, load_backend
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class RepositorySettings:
     max_queue_size: int | None = None
     max_inflight_batches: int = 1
     default_model: str = ""
+    bulk_lane: bool = True  # large raw requests on a second, one-thread, low-priority engine (ONNX Runtime on CPU)
 
 
 @dataclasses.dataclass
@@ -96,10 +97,11 @@ def check_folder(folder: Path, contract: ModelContract) -> None:
 class LoadedModel:
     """One loaded, warmed model version with its batcher; counts requests using it."""
 
-    def __init__(self, contract: ModelContract, folder: Path, backend: Backend, batcher: Batcher, sig: tuple):
+    def __init__(self, contract: ModelContract, folder: Path, backend: Backend, batcher: Batcher, sig: tuple, bulk_backend: Backend | None = None):
         self.contract = contract
         self.folder = folder
         self.backend = backend
+        self.bulk_backend = bulk_backend
         self.batcher = batcher
         self.signature = sig
         self._users = 0
@@ -252,7 +254,7 @@ class ModelRepository:
             log.info("model %s v%s unloaded", *current.key, extra={"model": name, "version": current.contract.version})
 
     async def _load(self, folder: Path, sig: tuple) -> LoadedModel:
-        contract, backend = await asyncio.to_thread(self._load_sync, folder)
+        contract, backend, bulk_backend = await asyncio.to_thread(self._load_sync, folder)
         batching = contract.batching
         s = self.settings
         labels = (contract.name, str(contract.version))
@@ -264,16 +266,25 @@ class ModelRepository:
             max_inflight=s.max_inflight_batches,
             metrics=self.metrics,
             labels=labels,
+            bulk_run=bulk_backend.run if bulk_backend is not None else None,
         )
-        return LoadedModel(contract, folder, backend, batcher, sig)
+        return LoadedModel(contract, folder, backend, batcher, sig, bulk_backend)
 
-    def _load_sync(self, folder: Path) -> tuple[ModelContract, Backend]:
-        """Read and verify the contract, open the engine and warm it (runs on a thread)."""
+    def _load_sync(self, folder: Path) -> tuple[ModelContract, Backend, Backend | None]:
+        """Read and verify the contract, open the engine and warm it, and the bulk lane's engine
+        where there is one (runs on a thread)."""
         contract = read_contract(folder, verify=True)
         check_folder(folder, contract)
         backend = load_backend(folder, contract, self.settings.backend, self.settings.device, self.settings.intra_op_threads)
-        warm(backend, contract, self.settings.max_batch_size or contract.batching.max_batch_size)
-        return contract, backend
+        max_batch_size = self.settings.max_batch_size or contract.batching.max_batch_size
+        warm(backend, contract, max_batch_size)
+        bulk_backend = None
+        if self.settings.bulk_lane and backend.name == OnnxRuntimeBackend.name and backend.device == "cpu":
+            # One intra-op thread (the bulk lane's own low-priority thread does all the work) and no
+            # memory arena (its small batches allocate little; an arena would keep it for good).
+            bulk_backend = OnnxRuntimeBackend(folder / ONNX_FILE, device="cpu", intra_op_threads=1, memory_arena=False)
+            warm(bulk_backend, contract, max(1, max_batch_size // BULK_PIECE_DIVISOR))
+        return contract, backend, bulk_backend
 
     # ---- polling and shutdown ------------------------------------------------------------
     def start_polling(self, seconds: float) -> None:

@@ -23,10 +23,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from core.errors import UserError
 from serving import inference_servicer, servicer
 from serving.auth import BearerTokenInterceptor, read_tokens
-from serving.dataplane import DataPlane, Limits
+from serving.dataplane import LOW_PRIORITY_PIXELS, DataPlane, Limits
 from serving.errors import ErrorInterceptor, wrap_handler
 from serving.metrics import Metrics
 from serving.repository import ModelRepository, RepositorySettings
+from serving.workers import low_priority_pool
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -55,6 +56,8 @@ class ServerConfig:
     max_image_pixels: int = 64_000_000
     max_decode_pixels: int = 0  # pixels being decoded at once, server-wide; 0: max_image_pixels + 16,000,000
     max_heatmap_side: int = 1024  # longest side of PNG heatmaps and overlays
+    low_priority_pixels: int = LOW_PRIORITY_PIXELS  # images over this: decoded and drawn on low-priority threads; 0: never
+    bulk_lane: bool = True  # large ModelInfer requests on a second, one-thread, low-priority engine (ONNX Runtime on CPU)
     max_batch_items: int = 1024  # items in one DetectBatch call
     max_faces: int = 32  # faces scored in one photo (photo / auto input)
     min_face: int = 64  # smallest face scored: the side of its FFHQ square in original pixels
@@ -264,6 +267,8 @@ class Server:
         finally:
             await self.repository.close()
             self.dataplane.pool.shutdown(wait=False)
+            if self.dataplane.low_priority_pool is not None:
+                self.dataplane.low_priority_pool.shutdown(wait=False)
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
                 self._metrics_http.server_close()
@@ -294,9 +299,12 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         max_queue_size=config.max_queue_size,
         max_inflight_batches=config.instances,
         default_model=config.default_model,
+        bulk_lane=config.bulk_lane,
     )
     repository = ModelRepository(config.model_repository, settings, metrics)
-    pool = ThreadPoolExecutor(config.decode_workers or os.cpu_count() or 1, thread_name_prefix="decode")
+    workers = config.decode_workers or os.cpu_count() or 1
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+    low_pool = low_priority_pool(workers, "decode-low") if config.low_priority_pixels > 0 else None
     limits = Limits(
         max_image_bytes=int(config.max_message_mb * MiB),
         max_image_pixels=config.max_image_pixels,
@@ -305,8 +313,9 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         max_batch_items=config.max_batch_items,
         max_faces=config.max_faces,
         min_face=config.min_face,
+        low_priority_pixels=config.low_priority_pixels,
     )
-    dataplane = DataPlane(repository, pool, metrics, limits)
+    dataplane = DataPlane(repository, pool, metrics, limits, low_pool)
     services = [protocol.add_to_server(grpc_server, dataplane) for protocol in PROTOCOLS]
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

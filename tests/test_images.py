@@ -88,3 +88,29 @@ def test_byte_limit_and_model_input():
         decode_image(b"x" * 101, max_bytes=100)
     array = to_model_input(Image.fromarray(gradient(40, 30)), 16, 24)
     assert array.shape == (3, 16, 24) and array.dtype == np.uint8
+
+
+@pytest.mark.parametrize("mode", ["1", "P", "I;16"])
+def test_widened_modes_reduce_strip_by_strip_exactly_as_at_once(mode, monkeypatch):
+    from core import images
+
+    rng = np.random.default_rng(3)
+    height, width = 301, 257
+    if mode == "1":
+        image = Image.fromarray(rng.integers(0, 2, (height, width)).astype(bool))
+    elif mode == "P":
+        image = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8)).convert("P")
+        image.putpalette(rng.integers(0, 256, 768).tolist())
+        image.info["transparency"] = 5
+    else:
+        image = Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    assert image.mode == mode
+    widened = {"1": "L", "P": "RGBA", "I;16": "I"}[mode]
+    converted = []
+    convert = Image.Image.convert
+    monkeypatch.setattr(Image.Image, "convert", lambda self, *a, **k: (converted.append(self.size), convert(self, *a, **k))[1])
+    monkeypatch.setattr(images, "REDUCE_STRIP_PIXELS", 20 * width)  # strips of 18 rows at factor 3
+    strips = images.reduced(image, 3)
+    monkeypatch.setattr(Image.Image, "convert", convert)
+    assert np.array_equal(np.asarray(strips), np.asarray(image.convert(widened).reduce(3)))
+    assert strips.mode == widened and max(h for _, h in converted) == 18  # 18-row strips, never the whole image

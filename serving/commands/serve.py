@@ -30,6 +30,8 @@ FLAGS: dict[str, tuple[dict, str]] = {
     "max_message_mb": ({"type": int}, "largest gRPC message and encoded image in MiB (default: {default})"),
     "max_image_pixels": ({"type": int}, "largest decoded image in pixels (default: {default})"),
     "max_decode_pixels": ({"type": int}, "pixels being decoded at once, server-wide; more is RESOURCE_EXHAUSTED (default: {default} = --max-image-pixels + 16000000)"),
+    "low_priority_pixels": ({"type": int}, "images over this many pixels are decoded and drawn on low-priority (nice 19) threads (default: {default}; 0 = never)"),
+    "bulk_lane": ({"action": argparse.BooleanOptionalAction}, "ModelInfer requests over the batch size run in small pieces on a second, one-thread ONNX Runtime engine at low priority, beside ordinary requests (CPU only; default: on)"),
     "max_heatmap_side": ({"type": int}, "longest side of PNG heatmaps and overlays in pixels (default: {default})"),
     "max_batch_items": ({"type": int}, "items in one DetectBatch call (default: {default})"),
     "max_faces": ({"type": int}, "faces scored in one photo, largest first; the rest are reported as over the limit (default: {default})"),
@@ -65,6 +67,8 @@ def config_from_args(args: argparse.Namespace):
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
     if args.max_decode_pixels and args.max_decode_pixels < args.max_image_pixels:
         raise UserError(f"--max-decode-pixels {args.max_decode_pixels}: at least --max-image-pixels ({args.max_image_pixels}), or 0 for the default")
+    if args.low_priority_pixels < 0:
+        raise UserError(f"--low-priority-pixels {args.low_priority_pixels}: must not be negative (0 = never)")
     if args.max_queue_delay_ms is not None and args.max_queue_delay_ms < 0:
         raise UserError(f"--max-queue-delay-ms {args.max_queue_delay_ms}: must not be negative")
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServerConfig) if field.name in FLAGS}
