@@ -14,6 +14,7 @@ import with "duplicate symbol". The wire format is identical either way.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import math
 import time
@@ -89,8 +90,80 @@ def output_shapes(contract: c.ModelContract) -> dict[str, list[int]]:
     return {name: list(shape) for name, shape in contract.output_shapes(-1).items()}
 
 
-def input_images(request, contract: c.ModelContract) -> np.ndarray:
-    """The request's single `images` input as uint8 [B,3,H,W]; InvalidArgument naming any problem."""
+@dataclasses.dataclass
+class InferRequest:
+    """A received ModelInferRequest: the message without its raw_input_contents, and those as views of
+    the received bytes. Parsed by protobuf, a 30 MB tensor batch would be copied into the message and
+    again at each read of the field: 60 MB more for each large request in flight."""
+
+    message: object  # ModelInferRequest
+    raw: list[memoryview]
+
+
+def infer_request_parser(message_class):
+    """The request deserializer of ModelInfer and ModelStreamInfer: bytes -> InferRequest."""
+    number = message_class.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+
+    def parse(data: bytes) -> InferRequest:
+        try:
+            rest, raw = split_field(data, number)
+        except ValueError:  # not well-formed at the top level: protobuf parses (and judges) it all
+            message = message_class.FromString(data)
+            return InferRequest(message, [memoryview(value) for value in message.raw_input_contents])
+        return InferRequest(message_class.FromString(rest), raw)
+
+    return parse
+
+
+def split_field(data: bytes, number: int) -> tuple[bytes, list[memoryview]]:
+    """(the encoded message without its top-level length-delimited field `number`, that field's values
+    as views of `data`, in order); ValueError where the wire format breaks."""
+    view = memoryview(data)
+    rest, values = bytearray(), []
+    position, end = 0, len(data)
+    while position < end:
+        start = position
+        tag, position = read_varint(data, position)
+        kind = tag & 7
+        if kind == 0:
+            _, position = read_varint(data, position)
+        elif kind == 1:
+            position += 8
+        elif kind == 2:
+            length, position = read_varint(data, position)
+            if tag >> 3 == number:
+                if position + length > end:
+                    raise ValueError("truncated field")
+                values.append(view[position : position + length])
+                position += length
+                continue
+            position += length
+        elif kind == 5:
+            position += 4
+        else:
+            raise ValueError(f"wire type {kind}")
+        if position > end:
+            raise ValueError("truncated field")
+        rest += view[start:position]
+    return bytes(rest), values
+
+
+def read_varint(data: bytes, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while position < len(data) and shift < 64:
+        byte = data[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, position
+        shift += 7
+    raise ValueError("bad varint")
+
+
+def input_images(request, contract: c.ModelContract, raw: list | None = None) -> np.ndarray:
+    """The request's single `images` input as uint8 [B,3,H,W]; InvalidArgument naming any problem.
+    `raw` is the request's raw_input_contents when they were taken out of the message (InferRequest)."""
+    raw_contents = list(request.raw_input_contents) if raw is None else raw
     names = [tensor.name for tensor in request.inputs]
     if names != [contract.input_name]:
         raise InvalidArgument(f"inputs {names}: model {contract.name!r} takes exactly one input {contract.input_name!r}")
@@ -103,12 +176,12 @@ def input_images(request, contract: c.ModelContract) -> np.ndarray:
     if len(shape) != 4 or shape[0] < 1 or shape[1:] != expected[1:]:
         raise InvalidArgument(f"{where}: shape {shape}, expected {expected} (uint8 NCHW at the model's input size)")
     count = math.prod(shape)
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != len(request.inputs):
-            raise InvalidArgument(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
+    if raw_contents:
+        if len(raw_contents) != len(request.inputs):
+            raise InvalidArgument(f"{len(raw_contents)} raw_input_contents for {len(request.inputs)} inputs")
         if tensor.HasField("contents"):
             raise InvalidArgument(f"{where}: both contents and raw_input_contents given")
-        raw = request.raw_input_contents[0]
+        raw = raw_contents[0]
         if len(raw) != count:
             raise InvalidArgument(f"{where}: {len(raw)} bytes of raw content, shape {shape} of UINT8 needs {count}")
         return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
@@ -179,20 +252,21 @@ class InferenceServicer:
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
 
-        async def answer(request):
+        async def answer(request: InferRequest):
             try:
                 return self.m.ModelStreamInferResponse(infer_response=await self.infer(request, deadline))
             except Exception as error:  # noqa: BLE001 - reported per item
                 code, message = status_of(error)
-                return self.m.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=self.m.ModelInferResponse(id=request.id))
+                return self.m.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=self.m.ModelInferResponse(id=request.message.id))
 
         async for response in ordered_stream(request_iterator, answer, self.dataplane.closing):
             yield response
 
-    async def infer(self, request, deadline: float | None):
+    async def infer(self, received: InferRequest, deadline: float | None):
+        request = received.message
         version = parse_version(request.model_version)
         contract = self.dataplane.contract(request.model_name, version)
-        images = input_images(request, contract)
+        images = input_images(request, contract, received.raw)
         names = requested_outputs(request, contract)
         outputs = await self.dataplane.infer(contract.name, version, images, deadline)
         response = self.m.ModelInferResponse(model_name=contract.name, model_version=str(contract.version), id=request.id)
@@ -213,11 +287,16 @@ def handler(dataplane: DataPlane) -> grpc.GenericRpcHandler:
             request_deserializer=getattr(m, f"{name}Request").FromString,
             response_serializer=getattr(m, f"{name}Response").SerializeToString,
         )
-        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "RepositoryIndex")
+        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "RepositoryIndex")
     }
+    methods["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=infer_request_parser(m.ModelInferRequest),
+        response_serializer=m.ModelInferResponse.SerializeToString,
+    )
     methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
         servicer.ModelStreamInfer,
-        request_deserializer=m.ModelInferRequest.FromString,
+        request_deserializer=infer_request_parser(m.ModelInferRequest),
         response_serializer=m.ModelStreamInferResponse.SerializeToString,
     )
     return grpc.method_handlers_generic_handler(SERVICE, methods)

@@ -135,6 +135,44 @@ def test_large_model_infer_runs_in_engine_sized_chunks(repository):
     assert float(largest) <= 8
 
 
+def test_model_infer_tensors_stay_views_of_the_received_bytes():
+    from google.protobuf.message import DecodeError
+
+    from serving.inference_servicer import infer_request_parser, messages
+
+    m = messages()
+    request = m.ModelInferRequest(model_name="tiny", model_version="1", id="x")
+    request.inputs.add(name="images", datatype="UINT8", shape=[2, 3, 4, 4])
+    request.outputs.add(name="score")
+    request.parameters["priority"].int64_param = 5
+    payload = np.arange(96, dtype=np.uint8).tobytes()
+    request.raw_input_contents.extend([payload, b"second"])
+    data = request.SerializeToString()
+    parse = infer_request_parser(m.ModelInferRequest)
+    parsed = parse(data)
+    assert [bytes(view) for view in parsed.raw] == [payload, b"second"]
+    assert all(view.obj is data for view in parsed.raw)  # not copies
+    expected = m.ModelInferRequest()
+    expected.CopyFrom(request)
+    expected.ClearField("raw_input_contents")
+    assert parsed.message == expected
+    with pytest.raises(DecodeError):  # broken bytes: protobuf's own verdict, as before
+        parse(data[:-3])
+
+
+def test_large_blocks_are_given_back_to_the_system(monkeypatch):
+    import platform
+
+    from serving.server import return_large_blocks
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert return_large_blocks()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the operator's own setting wins
+    assert not return_large_blocks()
+
+
 # ---- 2. bad input is never INTERNAL -------------------------------------------------------------
 @pytest.mark.parametrize("exception", [RuntimeError("avif decoder failed"), TypeError("bad tile"), KeyError("x"), IndexError("y")])
 def test_whatever_a_codec_raises_is_an_image_error(monkeypatch, exception):
