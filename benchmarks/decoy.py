@@ -162,23 +162,23 @@ class Trained:
 
 
 def train_method(split: DecoySplit, config, epochs: int, seed: int) -> Trained:
-    """Train `config.arch` from scratch with `config.guidance` on an in-memory split on the CPU, with
-    the trainer's own optimiser and training step (training.trainer), without its data loading."""
+    """Train `config.arch` with `config.guidance` from `config.weights` (none: from scratch) on an in-memory
+    split on the CPU, with the trainer's own model, optimiser and training step (training.trainer), without
+    its data loading."""
     import time
 
     from training.guidance import get_method
-    from training.model import create_classifier
-    from training.trainer import backward_step, build_optimizer, forward_step
+    from training.trainer import backward_step, build_model, build_optimizer, forward_step, set_train_mode
 
     torch.manual_seed(seed)
-    model = create_classifier(config.arch)
+    model = build_model(config)
     method = get_method(config.guidance)
     optimiser = build_optimizer(config, model)
     scaler = torch.amp.GradScaler("cuda", enabled=False)  # fp16 loss scaling is for CUDA only
     cpu = torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
     times = []
-    model.train()
+    set_train_mode(model, config)
     for _ in range(epochs):
         order = torch.randperm(len(split), generator=generator)
         for start in range(0, len(order) - config.batch_size + 1, config.batch_size):  # full batches only
@@ -193,7 +193,7 @@ def train_method(split: DecoySplit, config, epochs: int, seed: int) -> Trained:
 
 
 @torch.no_grad()
-def outputs(model: torch.nn.Module, split: DecoySplit, batch_size: int = 256) -> tuple[np.ndarray, torch.Tensor]:
+def outputs(model: torch.nn.Module, split: DecoySplit, batch_size: int = 64) -> tuple[np.ndarray, torch.Tensor]:
     """Fake probabilities [N] and the normalised predicted-class CAMs [N, h, w] (the exported CAM)."""
     from training.model import fake_probability, select_cam
 

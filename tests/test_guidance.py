@@ -264,3 +264,103 @@ def test_bench_guidance_command(tmp_path, capsys):
     assert main(["bench", "guidance", str(faces), "--methods", "ce,nope"]) == 2
     assert "unknown nope" in capsys.readouterr().err
     assert main(["bench", "guidance", str(tmp_path / "missing")]) == 2
+
+
+def test_hard_edges_keep_or_replace_every_pixel():
+    saliency = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    soft = upsample_saliency(saliency, (8, 8))
+    hard = upsample_saliency(saliency, (8, 8), "hard")
+    assert ((soft > 0) & (soft < 1)).any()  # bilinear: a blended band
+    assert set(hard.unique().tolist()) == {0.0, 1.0} and torch.equal(hard, (soft >= 0.5).float())
+    with pytest.raises(ValueError, match="mask edge"):
+        upsample_saliency(saliency, (8, 8), "blurry")
+    # swap with hard edges: every pixel is the image's own or its partner's, never a blend of the two
+    model = PixelModel(torch.zeros(1, 3, 4, 4))
+    cells = torch.zeros(6, 2, 2)
+    cells[:, 0, 0] = 1.0
+    batch = pixel_batch(cells)
+    torch.manual_seed(0)
+    get_method("swap")(model, batch, TrainConfig(guidance="swap", mask_edge="hard"))
+    kept = upsample_saliency(cells, (4, 4), "hard")[0].bool()
+    images = batch["image"].float()
+    assert torch.equal(model.seen[:, :, kept], images[:, :, kept])
+    for seen in model.seen:  # the rest is one partner's pixels, exactly
+        assert any(torch.equal(seen[:, ~kept], other[:, ~kept]) for other in images)
+
+
+def test_mask_with_hard_edges_leaves_no_corner_decoy_pixel():
+    faces = synthetic_faces(8, 32, 4)
+    spec = decoy.DecoySpec()
+    split = decoy.build_decoy_set(faces, (4, 4), spec, seed=0)["decoy"]["train"]
+    model = PixelModel(torch.zeros(1, 3, 32, 32))
+    get_method("mask")(model, split.batch(torch.arange(len(split))), TrainConfig(guidance="mask", mask_edge="hard"))
+    rows, cols = decoy.decoy_box(32, spec)
+    assert torch.all(model.seen[:, :, rows, cols] == 100.0)  # the whole corner patch is the fill
+
+
+def test_freeze_bn_keeps_the_running_statistics_while_weights_learn():
+    from training.trainer import set_train_mode
+
+    batch = {
+        "image": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)),
+        "label": torch.tensor([0, 1, 0, 1]),
+        "saliency": torch.ones(4, 4, 4),
+        "has_saliency": torch.ones(4, dtype=torch.bool),
+    }
+    for freeze in (True, False):
+        torch.manual_seed(0)
+        model = create_classifier("cyborg_local_tiny")
+        config = TrainConfig(guidance="swap", freeze_bn=freeze)
+        set_train_mode(model, config)
+        norm = model.backbone.features[0][1]
+        before = (norm.running_mean.clone(), norm.weight.detach().clone())
+        get_method("swap")(model, batch, config).loss.backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        assert model.training and norm.training is not freeze
+        assert torch.equal(norm.running_mean, before[0]) is freeze
+        assert not torch.equal(norm.weight, before[1])  # the affine part learns either way
+
+
+def test_guidance_options_are_validated_and_reach_the_config(tmp_path):
+    from core.errors import UserError
+    from training.commands.train import add_arguments, build_config
+
+    with pytest.raises(UserError, match="--mask-edge"):
+        TrainConfig(mask_edge="fuzzy").validate()
+    parser = __import__("argparse").ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["data", "--arch", "resnet18", "--out", str(tmp_path), "--freeze-bn", "--mask-edge", "hard"])
+    config = build_config(args)
+    assert config.freeze_bn is True and config.mask_edge == "hard"
+    assert build_config(parser.parse_args(["data", "--arch", "resnet18", "--out", str(tmp_path)])).freeze_bn is False
+
+
+def test_bench_method_specs_carry_their_own_settings():
+    from benchmarks.commands.bench_guidance import parse_method, parse_settings
+    from core.errors import UserError
+
+    assert parse_method("swap_hard:freeze_bn=true:lr=0.001") == ("swap_hard", {"guidance": "swap", "mask_edge": "hard", "freeze_bn": True, "lr": 0.001})
+    assert parse_settings(["mask_edge=hard"], "--set") == {"mask_edge": "hard"}
+    with pytest.raises(UserError, match="unknown nope"):
+        parse_method("nope")
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_method("swap:frozen=true")
+
+
+def test_blur_keeps_salient_pixels_and_blurs_the_rest():
+    from training.guidance_methods import gaussian_blur
+
+    flat = torch.full((1, 3, 16, 16), 80.0)
+    assert torch.allclose(gaussian_blur(flat, 2.0), flat)  # a constant image is its own blur
+    edge = torch.zeros(1, 1, 16, 16)
+    edge[..., 8:] = 255.0
+    blurred = gaussian_blur(edge, 2.0)
+    assert 0 < blurred[0, 0, 0, 7] < 255 and blurred[0, 0, 0, 0] == pytest.approx(0.0, abs=1e-3)
+    model = PixelModel(torch.zeros(1, 3, 4, 4))
+    cells = torch.zeros(2, 2, 2)
+    cells[:, 0, 0] = 1.0
+    batch = pixel_batch(cells)
+    get_method("blur")(model, batch, TrainConfig(guidance="blur", mask_edge="hard"))
+    images = batch["image"].float()
+    assert torch.equal(model.seen[:, :, :2, :2], images[:, :, :2, :2])
+    assert torch.allclose(model.seen[:, :, 2:, 2:], gaussian_blur(images, 4 / 32)[:, :, 2:, 2:])

@@ -9,8 +9,9 @@ from typing import Any
 
 from core.errors import UserError
 
-GUIDANCE_METHODS = ("ce", "cyborg", "cam_diff", "rrr", "mask", "consistency", "mask_cyborg", "swap")  # registry order: training.guidance
+GUIDANCE_METHODS = ("ce", "cyborg", "cam_diff", "rrr", "mask", "consistency", "mask_cyborg", "swap", "blur")  # registry order: training.guidance
 CAM_CLASSES = ("predicted", "true")
+MASK_EDGES = ("soft", "hard")  # how the pixel-level methods upsample the map: bilinear, or bilinear then >= 0.5
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 # training.augment's changes, in the order it applies them; "everyday" names them all (a test keeps the two in step)
@@ -35,6 +36,7 @@ class TrainConfig:
     alpha: float = 0.5  # alpha * CE + (1 - alpha) * MSE(CAM, H); alpha = 1 is the CE baseline
     cam_class: str = "predicted"  # the paper's choice; "true" uses the label's CAM
     guidance_weight: float | None = None  # weight of the rrr / consistency term; None: the method's default
+    mask_edge: str = "soft"  # pixel-level methods: soft (bilinear) or hard (thresholded) map edges (docs/guidance.md)
     # augmentation (training.augment): none, everyday or a comma list of AUGMENTATIONS
     augment: str = "none"
     augment_p: float = 0.1  # probability of each everyday change (Wang et al. 2020: 0.1 beat 0.5)
@@ -49,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 1e-6
     lr_step: int = 12
     lr_gamma: float = 0.1
+    freeze_bn: bool = False  # BatchNorm in eval mode while training: its running (e.g. ImageNet) statistics never change
     optimizer: str = "sgd"  # sgd (the paper) | adamw (weight_decay then is AdamW's decoupled decay)
     schedule: str = "step"  # step: StepLR(lr_step, lr_gamma), the paper | cosine: cosine decay to 0 over the epochs
     # run
@@ -68,6 +71,8 @@ class TrainConfig:
             raise UserError(f"--guidance-weight {self.guidance_weight}: must be at least 0")
         if self.cam_class not in CAM_CLASSES:
             raise UserError(f"--cam-class {self.cam_class!r}: choose one of {', '.join(CAM_CLASSES)}")
+        if self.mask_edge not in MASK_EDGES:
+            raise UserError(f"--mask-edge {self.mask_edge!r}: choose one of {', '.join(MASK_EDGES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:

@@ -16,6 +16,8 @@ feature cells see the whole image (measured: docs/guidance.md). These methods ac
   al., NeurIPS 2021, with the human map in place of the model's own saliency).
 - `mask_cyborg`: `mask` with the CYBORG term on the masked image, so that the exported CAM, not
   only the decision, sits on the annotated regions.
+- `blur`: `mask` with the non-salient pixels blurred instead of grey (Boyd et al.'s own choice): the
+  context keeps its colours and layout, and so also a low-frequency trace of any cue there.
 - `swap`: train on images whose non-salient pixels come from another image of the batch: real
   content that carries no label information (the measured recommendation, docs/guidance.md).
 
@@ -35,15 +37,21 @@ from training.model import normalised_cam
 
 # The weight of the pixel-level terms when the config gives none (measured: docs/guidance.md).
 DEFAULT_WEIGHTS = {"rrr": 100.0, "consistency": 1.0}
+BLUR_SIGMA = 1 / 32  # `blur`'s Gaussian sigma as a fraction of the image side (7 px at 224)
 
 
 # ---- pure functions ------------------------------------------------------------------------------
 
 
-def upsample_saliency(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[B, h, w] maps at the CAM grid -> [B, H, W] at the input size (bilinear, kept in [0, 1])."""
-    up = F.interpolate(saliency.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False)
-    return up.squeeze(1).clamp(0.0, 1.0)
+def upsample_saliency(saliency: torch.Tensor, size: tuple[int, int], edge: str = "soft") -> torch.Tensor:
+    """[B, h, w] maps at the CAM grid -> [B, H, W] at the input size: bilinear, kept in [0, 1] ("soft"),
+    or that thresholded at 0.5 ("hard": every pixel either kept or replaced, nothing blended)."""
+    up = F.interpolate(saliency.float().unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    if edge == "hard":
+        return (up >= 0.5).float()
+    if edge != "soft":
+        raise ValueError(f"mask edge {edge!r}: choose soft or hard")
+    return up.clamp(0.0, 1.0)
 
 
 def logit_difference_cam(class_maps: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -74,6 +82,19 @@ def mask_non_salient(images: torch.Tensor, saliency_up: torch.Tensor, has_salien
     return keep * images.float() + (1.0 - keep) * fill
 
 
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of float [B, C, H, W] images (reflected borders), kernel radius 3 sigma."""
+    radius = max(1, min(round(3 * sigma), min(images.shape[-2:]) - 1))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=images.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(images.dtype)
+    channels = images.shape[1]
+    out = F.pad(images, (radius, radius, 0, 0), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    out = F.pad(out, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
 def prediction_kl(logits: torch.Tensor, masked_logits: torch.Tensor, has_saliency: torch.Tensor) -> torch.Tensor:
     """Mean over samples with a map of KL(p(x) || p(x_masked))."""
     log_p = F.log_softmax(logits.float(), dim=1)
@@ -93,8 +114,15 @@ def _mixed(config, ce: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
     return config.alpha * ce + (1.0 - config.alpha) * term
 
 
-def _input_maps(model, batch) -> torch.Tensor:
-    return upsample_saliency(batch["saliency"], tuple(batch["image"].shape[-2:]))
+def _ce_on(model, images: torch.Tensor, batch) -> StepResult:
+    """CE of the model on `images` (a changed copy of the batch's) against the batch's labels."""
+    logits = model(images).logits
+    ce = F.cross_entropy(logits.float(), batch["label"])
+    return StepResult(loss=ce, ce=ce, guidance_term=ce.new_zeros(()), logits=logits)
+
+
+def _input_maps(model, batch, config) -> torch.Tensor:
+    return upsample_saliency(batch["saliency"], tuple(batch["image"].shape[-2:]), getattr(config, "mask_edge", "soft"))
 
 
 def cam_difference(model, batch, config) -> StepResult:
@@ -113,21 +141,26 @@ def right_reasons(model, batch, config) -> StepResult:
     log_p = F.log_softmax(logits, dim=1)
     ce = F.nll_loss(log_p, batch["label"])
     (gradients,) = torch.autograd.grad(log_p.sum(), pixels, create_graph=True)
-    term = guidance_weight(config, "rrr") * input_gradient_penalty(gradients, _input_maps(model, batch), batch["has_saliency"])
+    term = guidance_weight(config, "rrr") * input_gradient_penalty(gradients, _input_maps(model, batch, config), batch["has_saliency"])
     return StepResult(loss=_mixed(config, ce, term), ce=ce, guidance_term=term, logits=logits)
 
 
 def masked_training(model, batch, config) -> StepResult:
     """CE on images whose non-salient pixels are grey (the normalisation mean); alpha is not used."""
-    masked = mask_non_salient(batch["image"], _input_maps(model, batch), batch["has_saliency"], model.pixel_mean)
-    logits = model(masked).logits
-    ce = F.cross_entropy(logits.float(), batch["label"])
-    return StepResult(loss=ce, ce=ce, guidance_term=ce.new_zeros(()), logits=logits)
+    masked = mask_non_salient(batch["image"], _input_maps(model, batch, config), batch["has_saliency"], model.pixel_mean)
+    return _ce_on(model, masked, batch)
+
+
+def blurred_context(model, batch, config) -> StepResult:
+    """CE on images whose non-salient pixels are blurred (sigma BLUR_SIGMA of the side); alpha is not used."""
+    images = batch["image"].float()
+    blurred = gaussian_blur(images, BLUR_SIGMA * images.shape[-1])
+    return _ce_on(model, mask_non_salient(images, _input_maps(model, batch, config), batch["has_saliency"], blurred), batch)
 
 
 def mask_consistency(model, batch, config) -> StepResult:
     """alpha * CE(x) + (1 - alpha) * weight * KL(p(x) || p(x with non-salient pixels grey))."""
-    masked = mask_non_salient(batch["image"], _input_maps(model, batch), batch["has_saliency"], model.pixel_mean)
+    masked = mask_non_salient(batch["image"], _input_maps(model, batch, config), batch["has_saliency"], model.pixel_mean)
     both = model(torch.cat([batch["image"].float(), masked])).logits.float()
     logits, masked_logits = both.chunk(2)
     ce = F.cross_entropy(logits, batch["label"])
@@ -137,7 +170,7 @@ def mask_consistency(model, batch, config) -> StepResult:
 
 def masked_cyborg(model, batch, config) -> StepResult:
     """`mask` plus the CYBORG term on the masked image: alpha * CE + (1 - alpha) * MSE(CAM, H)."""
-    masked = mask_non_salient(batch["image"], _input_maps(model, batch), batch["has_saliency"], model.pixel_mean)
+    masked = mask_non_salient(batch["image"], _input_maps(model, batch, config), batch["has_saliency"], model.pixel_mean)
     out = model(masked)
     terms = cyborg_loss(out.logits, out.class_maps, batch["label"], batch["saliency"], batch["has_saliency"], config.alpha, config.cam_class)
     return StepResult(loss=terms.total, ce=terms.ce, guidance_term=terms.saliency, logits=out.logits)
@@ -150,7 +183,5 @@ def swapped_context(model, batch, config) -> StepResult:
     is real image content, so training and test images look alike. alpha is not used.
     """
     partner = batch["image"][torch.randperm(len(batch["image"]), device=batch["image"].device)].float()
-    swapped = mask_non_salient(batch["image"], _input_maps(model, batch), batch["has_saliency"], partner)
-    logits = model(swapped).logits
-    ce = F.cross_entropy(logits.float(), batch["label"])
-    return StepResult(loss=ce, ce=ce, guidance_term=ce.new_zeros(()), logits=logits)
+    swapped = mask_non_salient(batch["image"], _input_maps(model, batch, config), batch["has_saliency"], partner)
+    return _ce_on(model, swapped, batch)

@@ -134,6 +134,16 @@ def build_model(config: TrainConfig, pretrained: bool = True) -> CamClassifier:
     return model
 
 
+def set_train_mode(model: torch.nn.Module, config: TrainConfig) -> None:
+    """model.train(), with every BatchNorm layer back in eval mode when config.freeze_bn: the layers then
+    normalise with their running (pretrained) statistics and never update them; their affine weights still learn."""
+    model.train()
+    if getattr(config, "freeze_bn", False):
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -225,7 +235,7 @@ def train_one_epoch(
     from tqdm import tqdm
 
     method = get_method(config.guidance)
-    model.train()
+    set_train_mode(model, config)
     sums = {"loss": 0.0, "ce": 0.0, "guidance": 0.0, "correct": 0.0, "count": 0.0}
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
     start = time.perf_counter()

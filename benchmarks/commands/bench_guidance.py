@@ -28,6 +28,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "consistency": ("consistency", {}),
     "mask_cyborg": ("mask_cyborg", {}),
     "swap": ("swap", {}),
+    "swap_hard": ("swap", {"mask_edge": "hard"}),
+    "blur": ("blur", {}),
+    "mask_hard": ("mask", {"mask_edge": "hard"}),
 }
 DEFAULT_METHODS = "ce,cyborg,cyborg_true,cam_diff,rrr,mask,consistency"
 COLUMNS = (  # (key, header)
@@ -43,16 +46,23 @@ COLUMNS = (  # (key, header)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("faces", metavar="REAL_FACES_DIR", help="folder of real, FFHQ-aligned face photos (read only)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated, from {', '.join(VARIANTS)}; each may carry TrainConfig settings of its own, "
+                        f"NAME:KEY=VALUE[:KEY=VALUE], e.g. swap:freeze_bn=true (default: {DEFAULT_METHODS})")  # fmt: skip
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)")
     parser.add_argument("--epochs", type=int, default=8, help="epochs per run (default: 8)")
-    parser.add_argument("--image-size", type=int, default=64, help="input side in pixels (default: 64)")
-    parser.add_argument("--arch", default="cyborg_wide_tiny", help="backbone, trained from scratch (default: cyborg_wide_tiny)")
+    parser.add_argument("--image-size", type=int, help="input side in pixels (default: 64 for the tiny backbones, else the architecture's)")
+    parser.add_argument("--arch", default="cyborg_wide_tiny", help="backbone (default: cyborg_wide_tiny)")
+    parser.add_argument("--weights", default="none", help="none (from scratch), imagenet or a PATH, as cyborg train's (default: none)")
     parser.add_argument("--faces-limit", type=int, default=300, help="use the first N photos by name (default: 300)")
     parser.add_argument("--cue-amplitude", type=float, default=8.0, help="grey levels of the true cue (default: 8)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
+    parser.add_argument("--optimizer", default="sgd", help="sgd or adamw (default: sgd)")
+    parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default: 0.05)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a TrainConfig setting for every method, e.g. freeze_bn=true (repeatable)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--no-cams", dest="cams", action="store_false", help="do not write cams.png with --out")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--out", metavar="DIR", help="write results.json and cams.png (CAM overlays per method) here")
 
@@ -67,6 +77,43 @@ def parse_list(text: str, flag: str, kind=str) -> list:
     if not items:
         raise UserError(f"{flag} is empty")
     return items
+
+
+def parse_settings(items: list[str], where: str) -> dict[str, Any]:
+    """KEY=VALUE strings -> TrainConfig overrides; VALUE is read as JSON (true, 0.5, "x") or else taken as text."""
+    import dataclasses
+
+    from core.errors import UserError
+    from training.config import TrainConfig
+
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    settings = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            raise UserError(f"{where} {item!r}: expected KEY=VALUE with KEY a TrainConfig setting")
+        try:
+            settings[key] = json.loads(text)
+        except ValueError:
+            settings[key] = text
+    return settings
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """'swap:freeze_bn=true' -> ("swap", {"guidance": "swap", "freeze_bn": True}): the variant's settings plus its own."""
+    from core.errors import UserError
+
+    name, *items = spec.split(":")
+    if name not in VARIANTS:
+        raise UserError(f"--methods: unknown {name}; choose from {', '.join(VARIANTS)}")
+    guidance, overrides = VARIANTS[name]
+    return name, {"guidance": guidance, **overrides, **parse_settings(items, f"--methods {spec}")}
+
+
+def default_size(arch: str) -> int:
+    from training.model import default_image_size
+
+    return 64 if arch.startswith("cyborg_") else default_image_size(arch)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -105,11 +152,10 @@ def run(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
     from training.model import cam_grid, create_classifier
 
-    methods = parse_list(args.methods, "--methods")
-    unknown = [name for name in methods if name not in VARIANTS]
-    if unknown:
-        raise UserError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    methods = {spec: parse_method(spec)[1] for spec in parse_list(args.methods, "--methods")}
+    common = parse_settings(args.settings, "--set")
     seeds = parse_list(args.seeds, "--seeds", int)
+    args.image_size = args.image_size or default_size(args.arch)
     if args.epochs < 1 or args.image_size < 16 or args.batch_size < 2:
         raise UserError("--epochs must be >= 1, --image-size >= 16 and --batch-size >= 2")
     torch.set_num_threads(args.threads)
@@ -125,9 +171,9 @@ def run(args: argparse.Namespace) -> int:
     models = {}
     began = time.perf_counter()
     for seed in seeds:
-        for name in methods:
-            guidance, overrides = VARIANTS[name]
-            config = TrainConfig(arch=args.arch, weights="none", guidance=guidance, lr=args.lr, batch_size=args.batch_size, seed=seed, **overrides)
+        for name, overrides in methods.items():
+            recipe = dict(arch=args.arch, weights=args.weights, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, seed=seed)
+            config = TrainConfig(**{**recipe, **common, **overrides})
             config.validate()
             row: dict[str, Any] = {"seed": seed}
             for task in decoy.TASKS:
@@ -149,8 +195,8 @@ def run(args: argparse.Namespace) -> int:
                 row["step_ratio"] = row["step_seconds"] / ce_row["step_seconds"]
     summary = {name: summarise(rows) for name, rows in runs.items()}
     result = {
-        "settings": {key: getattr(args, key) for key in ("faces", "methods", "seeds", "epochs", "image_size", "arch", "faces_limit",
-                                                          "cue_amplitude", "batch_size", "lr")},  # fmt: skip
+        "settings": {key: getattr(args, key) for key in ("faces", "methods", "seeds", "epochs", "image_size", "arch", "weights", "faces_limit",
+                                                          "cue_amplitude", "batch_size", "optimizer", "lr", "settings")},  # fmt: skip
         "cam_grid": list(grid),
         "images": {task: {split: len(data) for split, data in splits.items()} for task, splits in sets.items()},
         "summary": summary,
@@ -161,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(result, indent=2))
-        decoy.save_cam_overlays(models, sets["decoy"]["test"], out / "cams.png")
+        if args.cams:
+            decoy.save_cam_overlays(models, sets["decoy"]["test"], out / "cams.png")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -12,10 +12,12 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--heatmaps": ("heatmaps", str, "folder of human (or proxy) saliency maps, matched by file name"),
     "--arch": ("arch", str, "backbone: densenet121, resnet50, inception_v3, xception, efficientnet_lite0, resnet18, mobilenetv2_100 or a timm name"),
     "--weights": ("weights", str, "none, imagenet or a PATH to a state_dict / checkpoint (default: imagenet)"),
-    "--guidance": ("guidance", str, "guidance method: ce, cyborg, cam_diff, rrr, mask, consistency, mask_cyborg or swap (default: cyborg; see docs/guidance.md)"),
+    "--guidance": ("guidance", str, "guidance method: ce, cyborg, cam_diff, rrr, mask, consistency, mask_cyborg, swap or blur (default: cyborg; see docs/guidance.md)"),
     "--alpha": ("alpha", float, "alpha * CE + (1 - alpha) * MSE(CAM, H); 1 = CE only (default: 0.5)"),
     "--cam-class": ("cam_class", str, "CAM of the predicted class (the paper) or the true class (default: predicted)"),
     "--guidance-weight": ("guidance_weight", float, "weight of the rrr / consistency term (default: the method's, docs/guidance.md)"),
+    "--mask-edge": ("mask_edge", str, "edges of the map for mask / swap / consistency / rrr: soft (bilinear) or hard "
+                    "(bilinear, then >= 0.5) (default: soft)"),
     "--augment": ("augment", str, "training augmentation: none, everyday (all of flip, shift, colour, resize, blur, jpeg, webp) "
                   "or a comma list of those (default: none; see docs/training.md)"),
     "--augment-p": ("augment_p", float, "probability of each everyday change, all but flip (default: 0.1)"),
@@ -52,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     parser.add_argument("--skip-unreadable", dest="skip_unreadable", action="store_true", default=argparse.SUPPRESS,
                         help="skip unreadable images with a warning instead of stopping")  # fmt: skip
+    parser.add_argument("--freeze-bn", dest="freeze_bn", action="store_true", default=argparse.SUPPRESS,
+                        help="keep BatchNorm's running statistics (e.g. ImageNet's) fixed while fine-tuning")  # fmt: skip
     parser.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS, help="no mixed precision on CUDA")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -63,7 +67,7 @@ def build_config(args: argparse.Namespace):
 
     values: dict[str, Any] = {}
     given = {field: getattr(args, field) for field, _, _ in FLAGS.values() if hasattr(args, field)}
-    given.update({name: getattr(args, name) for name in ("skip_unreadable", "amp") if hasattr(args, name)})
+    given.update({name: getattr(args, name) for name in ("skip_unreadable", "amp", "freeze_bn") if hasattr(args, name)})
     given["data"] = args.data[0] if len(args.data) == 1 else list(args.data)
     if args.resume:
         out = given.get("out") or (load_config_file(args.config).get("out") if args.config else None)
