@@ -24,7 +24,7 @@ from core import heatmaps
 from core.contract import CAM_OUTPUT, SCORE_OUTPUT, ModelContract, label_for
 from core.errors import UserError
 from core.thresholds import Calibration, resolve_operating_point
-from serving.errors import InvalidArgument, ModelNotFound, ModelNotReady, ServerBusy, reason_of  # noqa: F401 (ModelNotFound: part of this API)
+from serving.errors import InvalidArgument, ModelNotFound, ModelNotReady, ServerBusy, Unimplemented, reason_of  # noqa: F401 (ModelNotFound: part of this API)
 from core.contract import LEGACY_SCALE
 from core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MIN_SIDE, RESAMPLING, decode_image, input_region, prepare
 from serving.faces import DEFAULT_MAX_FACES, DEFAULT_MIN_FACE, INPUT_KINDS, SCORED, Detectors, FaceResult, find_faces, place_cams, upright_size
@@ -122,8 +122,17 @@ class PixelBudget:
 class DataPlane:
     """Protocol-free serving API over a model repository."""
 
-    def __init__(self, repository: ModelRepository, pool: Executor, metrics: Metrics, limits: Limits = Limits(), low_priority_pool: Executor | None = None):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        pool: Executor,
+        metrics: Metrics,
+        limits: Limits = Limits(),
+        low_priority_pool: Executor | None = None,
+        model_load_api: bool = False,
+    ):
         self.repository = repository
+        self.model_load_api = model_load_api  # load_model / unload_model allowed (`--model-load-api`)
         self.pool = pool
         self.low_priority_pool = low_priority_pool  # for images over limits.low_priority_pixels (None: `pool`)
         self.metrics = metrics
@@ -157,6 +166,20 @@ class DataPlane:
     async def reload(self):
         """Rescan the repository now; returns the repository's ReloadReport."""
         return await self.repository.reload()
+
+    async def load_model(self, name: str):
+        """Load (or reload) one model and serve it again after an unload (`--model-load-api` only)."""
+        self._check_load_api("load")
+        return await self.repository.load_model(name)
+
+    async def unload_model(self, name: str):
+        """Stop serving one model until it is loaded again (`--model-load-api` only)."""
+        self._check_load_api("unload")
+        return await self.repository.unload_model(name)
+
+    def _check_load_api(self, action: str) -> None:
+        if not self.model_load_api:
+            raise Unimplemented(f"model {action} is off on this server (start it with --model-load-api)")
 
     def shutdown(self) -> None:
         """Stop reporting live (graceful shutdown has begun) and tell open streams to end."""

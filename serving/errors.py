@@ -66,6 +66,13 @@ class Unauthenticated(ServingError):
     reason = "unauthenticated"
 
 
+class Unimplemented(ServingError):
+    """A method this server has but was not started with (a flag turns it on)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "unimplemented"
+
+
 class ShuttingDown(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "shutting_down"

@@ -41,6 +41,8 @@ MESSAGES = (
     "ModelReadyRequest", "ModelReadyResponse", "ServerMetadataRequest", "ServerMetadataResponse",
     "ModelMetadataRequest", "ModelMetadataResponse", "ModelInferRequest", "ModelInferResponse",
     "ModelStreamInferResponse", "RepositoryIndexRequest", "RepositoryIndexResponse",
+    "RepositoryModelLoadRequest", "RepositoryModelLoadResponse", "RepositoryModelUnloadRequest",
+    "RepositoryModelUnloadResponse",
 )  # fmt: skip
 MAX_VERSION_DIGITS = 18  # a version string longer than this is refused before int() (fits int64)
 
@@ -194,6 +196,11 @@ def input_images(request, contract: c.ModelContract, raw: list | None = None) ->
     return array.astype(np.uint8).reshape(shape)
 
 
+def check_repository(name: str) -> None:
+    if name:
+        raise InvalidArgument(f"repository {quote(name)}: this server has one repository (leave the name empty)")
+
+
 def requested_outputs(request, contract: c.ModelContract) -> list[str]:
     names = [output.name for output in request.outputs] or list(contract.output_names)
     unknown = [name for name in names if name not in contract.output_names]
@@ -232,8 +239,7 @@ class InferenceServicer:
         return response
 
     async def RepositoryIndex(self, request, context):
-        if request.repository_name:
-            raise InvalidArgument(f"repository {quote(request.repository_name)}: this server has one repository (leave the name empty)")
+        check_repository(request.repository_name)
         response = self.m.RepositoryIndexResponse()
         for status in self.dataplane.repository.statuses():
             if request.ready and status.state != "READY":
@@ -241,6 +247,19 @@ class InferenceServicer:
             state = "LOADING" if status.state == "INCOMPLETE" else status.state
             response.models.add(name=status.name, version=str(status.version), state=state, reason=status.error)
         return response
+
+    async def RepositoryModelLoad(self, request, context):
+        check_repository(request.repository_name)
+        overrides = sorted(key for key in request.parameters if key == "config" or key.startswith("file:"))
+        if overrides:
+            raise InvalidArgument(f"parameters {quote(overrides)}: cyborg loads only what the repository holds (no config or file overrides)")
+        await self.dataplane.load_model(request.model_name)
+        return self.m.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        check_repository(request.repository_name)  # parameters (unload_dependents): no ensembles here
+        await self.dataplane.unload_model(request.model_name)
+        return self.m.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()
@@ -287,7 +306,7 @@ def handler(dataplane: DataPlane) -> grpc.GenericRpcHandler:
             request_deserializer=getattr(m, f"{name}Request").FromString,
             response_serializer=getattr(m, f"{name}Response").SerializeToString,
         )
-        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "RepositoryIndex")
+        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
     }
     methods["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer,

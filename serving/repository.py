@@ -5,7 +5,9 @@ Every model under the root is served at its newest version that loads (Triton's 
 before it replaces the old one, which is unloaded once its in-flight requests finish; a version that
 fails (bad checksum, corrupt ONNX, bad model.json, wrong outputs) is logged, counted in
 `cyborg_model_load_failure` and skipped, and the old version keeps serving. A folder without
-model.json yet (an export in progress) is left alone until it has one.
+model.json yet (an export in progress) is left alone until it has one. `unload_model(name)` stops
+serving a model until `load_model(name)` (the Open Inference Protocol's load/unload extension,
+behind `cyborg serve --model-load-api`); reloads leave such a model unloaded.
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ class ModelRepository:
         self._models: dict[str, LoadedModel] = {}
         self._failed: dict[tuple[str, int], tuple[tuple, str]] = {}  # (name, version) -> (signature, error)
         self._known: dict[str, list[tuple[int, Path]]] = {}
+        self._held: set[str] = set()  # models unloaded on request: reloads leave them unloaded
         self._lock = asyncio.Lock()
         self._loaded_once = False
         self._poller: asyncio.Task | None = None
@@ -171,6 +174,8 @@ class ModelRepository:
             raise ModelNotFound(f"no model is served: {self.root} holds no model version folders")
         model = self._models.get(name)
         if model is None:
+            if name in self._held:
+                raise ModelNotReady(f"model {name!r} was unloaded on request (RepositoryModelUnload); RepositoryModelLoad serves it again")
             if name in self._known:
                 errors = [f"v{v}: {e}" for (n, v), (_, e) in sorted(self._failed.items()) if n == name]
                 raise ModelNotReady(f"model {name!r} has no loaded version" + (f" ({'; '.join(errors)})" if errors else ""))
@@ -203,15 +208,47 @@ class ModelRepository:
             report = ReloadReport()
             self._known = await asyncio.to_thread(scan, self.root)
             for name in sorted(set(self._known) | set(self._models)):
-                await self._reload_model(name, self._known.get(name, []), report)
+                await self._reload_model(name, [] if name in self._held else self._known.get(name, []), report)
             self._loaded_once = True
+        await self._changed(report, "repository reloaded")
+        return report
+
+    async def load_model(self, name: str) -> ReloadReport:
+        """Load `name`'s newest version that loads (or keep the one serving if its files are
+        unchanged), and serve it again if it was unloaded on request. ModelNotFound for a name the
+        repository does not hold; ModelNotReady, with the reasons, when no version loads."""
+        async with self._lock:
+            report = ReloadReport()
+            self._known = await asyncio.to_thread(scan, self.root)
+            if name not in self._known:
+                raise ModelNotFound(f"model {quote(name)} is not in the repository {self.root}")
+            self._held.discard(name)
+            await self._reload_model(name, self._known[name], report)
+        await self._changed(report, f"model {name} load requested")
+        if name not in self._models:
+            errors = [f"v{v}: {e}" for n, v, e in report.failed if n == name] or ["no version has a model.json yet"]
+            raise ModelNotReady(f"model {name!r} did not load ({'; '.join(errors)})")
+        return report
+
+    async def unload_model(self, name: str) -> ReloadReport:
+        """Stop serving `name` once its requests in flight finish, until `load_model(name)`.
+        ModelNotFound for a name the repository neither holds nor serves."""
+        async with self._lock:
+            if name not in self._known and name not in self._models:
+                raise ModelNotFound(f"model {quote(name)} is not in the repository {self.root}")
+            report = ReloadReport()
+            self._held.add(name)
+            await self._reload_model(name, [], report)
+        await self._changed(report, f"model {name} unload requested")
+        return report
+
+    async def _changed(self, report: ReloadReport, message: str) -> None:
         if self.on_change is not None:
             changed = self.on_change(self)
             if inspect.isawaitable(changed):
                 await changed
         if report.loaded or report.unloaded or report.failed:
-            log.info("repository reloaded", extra={"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed})
-        return report
+            log.info(message, extra={"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed})
 
     async def _reload_model(self, name: str, versions: list[tuple[int, Path]], report: ReloadReport) -> None:
         current = self._models.get(name)

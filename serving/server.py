@@ -59,6 +59,7 @@ class ServerConfig:
     max_heatmap_side: int = 1024  # longest side of PNG heatmaps and overlays
     low_priority_pixels: int = LOW_PRIORITY_PIXELS  # images over this: decoded and drawn on low-priority threads; 0: never
     bulk_lane: bool = True  # large ModelInfer requests on a second, one-thread, low-priority engine (ONNX Runtime on CPU)
+    model_load_api: bool = False  # the Open Inference Protocol's RepositoryModelLoad / RepositoryModelUnload
     max_batch_items: int = 1024  # items in one DetectBatch call
     max_faces: int = 32  # faces scored in one photo (photo / auto input)
     min_face: int = 64  # smallest face scored: the side of its FFHQ square in original pixels
@@ -316,7 +317,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         min_face=config.min_face,
         low_priority_pixels=config.low_priority_pixels,
     )
-    dataplane = DataPlane(repository, pool, metrics, limits, low_pool)
+    dataplane = DataPlane(repository, pool, metrics, limits, low_pool, config.model_load_api)
     services = [protocol.add_to_server(grpc_server, dataplane) for protocol in PROTOCOLS]
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

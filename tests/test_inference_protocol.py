@@ -131,3 +131,42 @@ def test_other_bad_requests_then_a_good_one(client, repository):
 
     result = client.infer("tiny", [images_input(images)])
     np.testing.assert_allclose(result.as_numpy(c.SCORE_OUTPUT), reference_outputs(repository / "tiny" / "2", images)[c.SCORE_OUTPUT], rtol=1e-5)
+
+
+def test_model_load_and_unload_behind_a_flag(repository):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    images = random_images(1, seed=4, size=SIZE)
+    with RunningServer(repository, model_load_api=True) as running:
+        client = tc.InferenceServerClient(running.address)
+        try:
+            client.unload_model("tiny")
+            assert not client.is_model_ready("tiny")
+            assert [(m.name, m.state) for m in client.get_model_repository_index().models] == [("tiny", "UNLOADED")] * 2
+            with pytest.raises(InferenceServerException, match="unloaded on request"):
+                client.infer("tiny", [images_input(images)])
+            running.call(running.server.repository.reload)  # a rescan (SIGHUP, polling) leaves it unloaded
+            assert not client.is_model_ready("tiny")
+            with grpc.insecure_channel(running.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="tiny"))
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            client.load_model("tiny")
+            assert client.is_model_ready("tiny")
+            scores = client.infer("tiny", [images_input(images)]).as_numpy("score")
+            assert scores == pytest.approx(reference_outputs(repository / "tiny" / "2", images)["score"], abs=1e-6)
+            for call, code in [(lambda: client.load_model("nope"), "NOT_FOUND"), (lambda: client.unload_model("nope"), "NOT_FOUND"),
+                               (lambda: client.load_model("tiny", config='{"max_batch_size": 4}'), "INVALID_ARGUMENT")]:  # fmt: skip
+                with pytest.raises(InferenceServerException) as raised:
+                    call()
+                assert raised.value.status() == f"StatusCode.{code}"
+        finally:
+            client.close()
+    with RunningServer(repository) as running:  # off by default
+        client = tc.InferenceServerClient(running.address)
+        try:
+            with pytest.raises(InferenceServerException, match="--model-load-api") as raised:
+                client.unload_model("tiny")
+            assert raised.value.status() == "StatusCode.UNIMPLEMENTED" and client.is_model_ready("tiny")
+        finally:
+            client.close()

@@ -71,14 +71,20 @@ def test_images_over_the_limit_are_decoded_and_drawn_at_low_priority(repository,
     assert seen == [("decode", *normal), ("render", *normal), ("decode", *low), ("render", *low)]
 
 
+async def entered(event: threading.Event) -> None:
+    """Wait (without blocking the loop) until an engine thread has set `event`."""
+    assert await asyncio.get_running_loop().run_in_executor(None, event.wait, 10)
+
+
 def test_ordinary_requests_run_beside_a_bulk_piece_that_runs_at_low_priority():
-    release = threading.Event()
+    release, running = threading.Event(), threading.Event()
     calls = []
 
     def engine(name):
         def run(images):
             calls.append((name, len(images), *where()))
             if name == "bulk":
+                running.set()
                 release.wait(10)
             return {"score": images[:, 0, 0, 0].astype(np.float32)}
 
@@ -87,7 +93,7 @@ def test_ordinary_requests_run_beside_a_bulk_piece_that_runs_at_low_priority():
     async def main():
         batcher = Batcher(engine("ordinary"), max_batch_size=8, max_queue_delay_ms=1, bulk_run=engine("bulk"))
         bulk = batcher.submit(np.full((1, 3, 1, 1), 7, np.uint8), bulk=True)
-        await asyncio.sleep(0.05)  # the bulk piece is running (and blocked)
+        await entered(running)  # the bulk piece is running (and blocked)
         ordinary = await asyncio.wait_for(batcher.submit(np.full((2, 3, 1, 1), 3, np.uint8)), 5)
         assert not bulk.done()
         release.set()
@@ -101,10 +107,11 @@ def test_ordinary_requests_run_beside_a_bulk_piece_that_runs_at_low_priority():
 
 
 def test_without_a_bulk_lane_bulk_pieces_never_join_a_batch_of_ordinary_requests():
-    gate = threading.Event()
+    gate, running = threading.Event(), threading.Event()
     batches = []
 
     def run(images):
+        running.set()
         gate.wait(10)
         batches.append(images[:, 0, 0, 0].tolist())
         return {"score": images[:, 0, 0, 0].astype(np.float32)}
@@ -112,7 +119,7 @@ def test_without_a_bulk_lane_bulk_pieces_never_join_a_batch_of_ordinary_requests
     async def main():
         batcher = Batcher(run, max_batch_size=8, max_queue_delay_ms=1)
         first = batcher.submit(np.full((1, 3, 1, 1), 1, np.uint8))
-        await asyncio.sleep(0.05)  # running, held at the gate
+        await entered(running)  # running, held at the gate
         queued = [batcher.submit(np.full((2, 3, 1, 1), 9, np.uint8), bulk=True), batcher.submit(np.full((1, 3, 1, 1), 2, np.uint8)),
                   batcher.submit(np.full((1, 3, 1, 1), 3, np.uint8))]  # fmt: skip
         gate.set()

@@ -36,6 +36,7 @@ FLAGS: dict[str, tuple[dict, str]] = {
     "max_batch_items": ({"type": int}, "items in one DetectBatch call (default: {default})"),
     "max_faces": ({"type": int}, "faces scored in one photo, largest first; the rest are reported as over the limit (default: {default})"),
     "min_face": ({"type": int}, "smallest face scored in a photo: the side of its aligned square in pixels (default: {default})"),
+    "model_load_api": ({"action": "store_true"}, "serve RepositoryModelLoad / RepositoryModelUnload (tritonclient's load_model / unload_model): any caller (any token holder, with --auth-token-file) may then unload a model"),
     "tls_cert": ({}, "server certificate (PEM) for TLS"),
     "tls_key": ({}, "server private key (PEM) for TLS"),
     "tls_client_ca": ({}, "CA (PEM) that client certificates must chain to: mutual TLS"),
