@@ -20,7 +20,7 @@ test: setup
 serve: setup
 	$(BIN)/cyborg serve --model-repository models
 
-# Retrain and re-export the embedded default model (v3) from scratch on CPU (deterministic for SEED).
+# Retrain and re-export the embedded default model (v4) from scratch on CPU (deterministic for SEED).
 # DATA holds faces/, sd21-faces/ and portraits/ (../shared/data/README.md); it prints its own running time.
 DATA ?= ../shared/data
 SEED ?= 0

@@ -32,7 +32,7 @@ VAL_FRACTION = 0.1
 RECIPE = [
     "--arch", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "224", "--scale", "256",
     "--augment", "everyday", "--augment-p", "0.1", "--optimizer", "adamw", "--lr", "0.0005",
-    "--weight-decay", "0.05", "--schedule", "cosine", "--epochs", "6", "--batch-size", "32", "--no-progress",
+    "--weight-decay", "0.05", "--schedule", "cosine", "--epochs", "15", "--batch-size", "32", "--no-progress",
 ]  # fmt: skip
 RUNS = {
     "cyborg": ["--guidance", "cyborg", "--alpha", "0.5"],
@@ -84,7 +84,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/default-model"), help="scratch folder for data links, maps and runs")
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--name", default="cyborg-faces")
-    parser.add_argument("--version", type=int, default=3)
+    parser.add_argument("--version", type=int, default=4)
     parser.add_argument("--runs", default="cyborg,ce", help="which of cyborg, ce to train (the best on validation is exported)")
     parser.add_argument("--holdout", default=None, help=f"one of {', '.join(FOLDERS)}: also train without it and evaluate on it")
     args = parser.parse_args()
