@@ -86,6 +86,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
         self._closed = False
+        self._last_bulk = False  # the last batch taken from the ordinary queue held bulk pieces
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._collect(), name=f"batcher-{labels[0]}-{labels[1]}")
         self._task.add_done_callback(self._collector_ended)
@@ -179,7 +180,8 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
-            batch, self._queue = take(self._queue, self.max_batch_size)
+            batch, self._queue = take(self._queue, self.max_batch_size, self.bulk_rows, self._last_bulk)
+            self._last_bulk = bool(batch) and batch[0].bulk
             self._gauge()
             if not batch:
                 self._slots.release()
@@ -198,7 +200,7 @@ class Batcher:
                 self._bulk_wakeup.clear()
                 await self._bulk_wakeup.wait()
                 continue
-            batch, self._bulk_queue = take(self._bulk_queue, self.bulk_rows)
+            batch, self._bulk_queue = take(self._bulk_queue, self.bulk_rows, self.bulk_rows)
             self._gauge()
             if batch:
                 await self._execute(batch, self.bulk_run, self._bulk_executor)
@@ -243,12 +245,13 @@ class Batcher:
                 pending.future.set_result(BatchResult(mine, queued * 1e3, compute * 1e3, rows))
 
 
-def take(queue: collections.deque[_Pending], max_rows: int) -> tuple[list[_Pending], collections.deque[_Pending]]:
+def take(queue: collections.deque[_Pending], max_rows: int, bulk_rows: int, after_bulk: bool = False) -> tuple[list[_Pending], collections.deque[_Pending]]:
     """(one batch, the queue left) from `queue`: the expired fail (DEADLINE_EXCEEDED, never
-    computed) and the abandoned are dropped; requests are taken in order up to `max_rows` (a lone
-    larger one runs alone). Bulk pieces never join ordinary requests: a bulk piece that waited
-    BULK_MAX_WAIT goes first (alone), else ordinary requests, and bulk pieces only when no ordinary
-    request waits."""
+    computed) and the abandoned are dropped; requests are taken in order up to `max_rows` rows, bulk
+    pieces up to `bulk_rows` (a lone larger one runs alone). Bulk pieces never join ordinary
+    requests: a bulk piece that waited BULK_MAX_WAIT goes first unless the last batch (`after_bulk`)
+    was bulk, else ordinary requests, and bulk pieces only when no ordinary request waits; so an
+    ordinary request waits for at most one small batch of pieces."""
     now = time.monotonic()
     live: list[_Pending] = []
     for pending in queue:
@@ -261,12 +264,12 @@ def take(queue: collections.deque[_Pending], max_rows: int) -> tuple[list[_Pendi
     overdue = time.perf_counter() - BULK_MAX_WAIT
     stale = [p for p in live if p.bulk and p.enqueued <= overdue]
     ordinary = [p for p in live if not p.bulk]
-    candidates = stale[:1] if stale and ordinary else ordinary or live
+    candidates = stale[:1] if stale and ordinary and not after_bulk else ordinary or live
     batch: list[_Pending] = []
     rows = 0
     for pending in candidates:
         size = len(pending.images)
-        if batch and (rows + size > max_rows or pending.bulk != batch[0].bulk):
+        if batch and (rows + size > (bulk_rows if batch[0].bulk else max_rows) or pending.bulk != batch[0].bulk):
             break
         batch.append(pending)
         rows += size

@@ -120,14 +120,16 @@ def test_without_a_bulk_lane_bulk_pieces_never_join_a_batch_of_ordinary_requests
         batcher = Batcher(run, max_batch_size=8, max_queue_delay_ms=1)
         first = batcher.submit(np.full((1, 3, 1, 1), 1, np.uint8))
         await entered(running)  # running, held at the gate
-        queued = [batcher.submit(np.full((2, 3, 1, 1), 9, np.uint8), bulk=True), batcher.submit(np.full((1, 3, 1, 1), 2, np.uint8)),
-                  batcher.submit(np.full((1, 3, 1, 1), 3, np.uint8))]  # fmt: skip
+        queued = [batcher.submit(np.full((1, 3, 1, 1), 9, np.uint8), bulk=True), batcher.submit(np.full((1, 3, 1, 1), 8, np.uint8), bulk=True),
+                  batcher.submit(np.full((1, 3, 1, 1), 2, np.uint8)), batcher.submit(np.full((1, 3, 1, 1), 3, np.uint8))]  # fmt: skip
         gate.set()
         await asyncio.gather(first, *queued)
         await batcher.close()
 
     asyncio.run(main())
-    assert batches == [[1], [2, 3], [9, 9]]  # the 8-row batch had room for the piece; it still waited
+    # The 8-row batch had room for the pieces, and they still waited; then one piece a batch
+    # (max_batch_size / 8 rows), so an ordinary request arriving meanwhile waits for one piece only.
+    assert batches == [[1], [2, 3], [9], [8]]
 
 
 def test_large_model_infer_runs_in_the_bulk_lane_at_low_priority(repository):
@@ -148,3 +150,25 @@ def test_large_model_infer_runs_in_the_bulk_lane_at_low_priority(repository):
     assert pieces == [(1, "bulk-tiny", LOW)] * 24  # pieces of max_batch_size / 8 rows, on the bulk lane's thread
     with RunningServer(repository, bulk_lane=False) as running:
         assert running.server.repository.get("tiny", 0).bulk_backend is None
+
+
+def test_a_bulk_piece_that_waited_goes_first_but_never_twice_in_a_row():
+    import collections
+
+    from serving.batcher import BULK_MAX_WAIT, _Pending, take
+
+    loop = asyncio.new_event_loop()
+    try:
+        def pending(value: int, bulk: bool, age: float) -> _Pending:
+            return _Pending(np.full((1, 3, 1, 1), value, np.uint8), None, loop.create_future(), time.perf_counter() - age, bulk)
+
+        queue = collections.deque([pending(9, True, 2 * BULK_MAX_WAIT), pending(8, True, 2 * BULK_MAX_WAIT), pending(1, False, 0), pending(2, False, 0)])
+        order = []
+        last_bulk = False
+        while queue:
+            batch, queue = take(queue, 8, 1, last_bulk)
+            last_bulk = batch[0].bulk
+            order.append([int(p.images[0, 0, 0, 0]) for p in batch])
+    finally:
+        loop.close()
+    assert order == [[9], [1, 2], [8]]
