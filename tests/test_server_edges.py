@@ -168,8 +168,9 @@ def test_large_blocks_are_given_back_to_the_system(monkeypatch):
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     assert return_large_blocks()
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the operator's own setting wins
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the operator's own setting wins
     assert not return_large_blocks()
 
 
