@@ -205,7 +205,12 @@ class DataPlane:
                 contract = model.contract
                 pool = self.pool_for(request)
                 if request.input_kind != "aligned":
-                    photo = await loop.run_in_executor(pool, self._prepare_photo, request, contract)
+                    if pool is self.pool:
+                        photo = await loop.run_in_executor(pool, self._prepare_photo, request, contract)
+                    else:  # decoded at low priority; the face search (on the decoded, bounded image, under
+                        # the detector's lock, which ordinary photos wait for) at normal priority
+                        image, original = await loop.run_in_executor(pool, self._decode_photo, request, contract)
+                        photo = await loop.run_in_executor(self.pool, self._find_photo_faces, request, contract, image, original)
                     if not isinstance(photo, tuple):  # faces to score one by one
                         result = await self._detect_faces(request, model, point, photo, started, pool)
                         self.metrics.request_succeeded(*labels, time.perf_counter() - started)
@@ -378,29 +383,35 @@ class DataPlane:
     def _prepare_photo(self, request: DetectRequest, contract: ModelContract):
         """Decode a photo and find its faces: the aligned-path triple of `_prepare` when `auto` finds
         one face filling the frame, else a `Photo` with the faces to score."""
+        return self._find_photo_faces(request, contract, *self._decode_photo(request, contract))
+
+    def _decode_photo(self, request: DetectRequest, contract: ModelContract) -> tuple[Image.Image, tuple[int, int]]:
+        """The photo decoded (within the decode budget) and its upright original size."""
         if (request.image is None) == (request.tensor is None):
             raise InvalidArgument("a request needs exactly one of an encoded image or a tensor")
-        with contextlib.ExitStack() as stack:
-            if request.image is not None:
-                stack.enter_context(self.decoding.hold(min(header_pixels(request.image), self.limits.max_image_pixels)))
+        if request.image is not None:
+            with self.decoding.hold(min(header_pixels(request.image), self.limits.max_image_pixels)):
                 image = self._decode(request.image, contract)
-            else:
-                image = Image.fromarray(tensor_to_hwc(request.tensor, self.limits.max_image_pixels))
-            original = upright_size(request.image, image)
-            try:
-                detector = self.detectors.get()
-            except UserError as error:
-                raise ModelNotReady(f"photo input: {error}") from None
-            found = find_faces(detector, image, original, contract, request.input_kind, self.limits.max_faces, self.limits.min_face)
-            if found.aligned:
-                picture, region = self._picture(image, request, contract)
-                return picture, region, prepare(image, contract)[None]
-            picture, scale = None, 1.0
-            if request.heatmap in ("png", "overlay") and found.scored:
-                size, _ = heatmaps.bounded(image.size, None, self.limits.max_heatmap_side)
-                scale = size[0] / image.width
-                picture = np.asarray(image if size == image.size else image.resize(size, RESAMPLING))
-            return Photo(found, image, picture, scale)
+        else:
+            image = Image.fromarray(tensor_to_hwc(request.tensor, self.limits.max_image_pixels))
+        return image, upright_size(request.image, image)
+
+    def _find_photo_faces(self, request: DetectRequest, contract: ModelContract, image: Image.Image, original: tuple[int, int]):
+        """`_prepare_photo` after decoding: the faces of the decoded photo."""
+        try:
+            detector = self.detectors.get()
+        except UserError as error:
+            raise ModelNotReady(f"photo input: {error}") from None
+        found = find_faces(detector, image, original, contract, request.input_kind, self.limits.max_faces, self.limits.min_face)
+        if found.aligned:
+            picture, region = self._picture(image, request, contract)
+            return picture, region, prepare(image, contract)[None]
+        picture, scale = None, 1.0
+        if request.heatmap in ("png", "overlay") and found.scored:
+            size, _ = heatmaps.bounded(image.size, None, self.limits.max_heatmap_side)
+            scale = size[0] / image.width
+            picture = np.asarray(image if size == image.size else image.resize(size, RESAMPLING))
+        return Photo(found, image, picture, scale)
 
     def _picture(self, image: Image.Image | None, request: DetectRequest, contract: ModelContract):
         """The bounded picture a PNG heatmap is drawn at, and the model's region on it (None, None

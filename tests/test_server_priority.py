@@ -76,6 +76,33 @@ async def entered(event: threading.Event) -> None:
     assert await asyncio.get_running_loop().run_in_executor(None, event.wait, 10)
 
 
+def test_a_huge_photo_is_decoded_at_low_priority_and_searched_for_faces_at_normal_priority(repository, monkeypatch):
+    import grpc
+
+    from serving import dataplane
+    from serving.faces import Detectors, Found
+    from serving.proto.cyborg.v1 import detector_pb2 as pb
+    from serving.proto.cyborg.v1 import detector_pb2_grpc as pb_grpc
+
+    seen = []
+    decode = dataplane.DataPlane._decode
+
+    def no_faces(detector, image, original, contract, *args):  # the search holds the detector's lock
+        seen.append(("search", *where()))
+        return Found(False, [], [], np.zeros((0, *contract.input_shape), np.uint8), [])
+
+    monkeypatch.setattr(dataplane.DataPlane, "_decode", lambda self, *args: (seen.append(("decode", *where())), decode(self, *args))[1])
+    monkeypatch.setattr(dataplane, "find_faces", no_faces)
+    monkeypatch.setattr(Detectors, "get", lambda self: None)
+    with RunningServer(repository, low_priority_pixels=100 * 100) as running, grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.DetectorStub(channel)
+        for side in (64, 128):
+            answer = stub.Detect(pb.DetectRequest(image=png(side), input_kind=pb.INPUT_KIND_PHOTO), timeout=30)
+            assert answer.status == pb.IMAGE_STATUS_NO_FACE
+    normal, low = ("decode", PROCESS_NICE), ("decode-low", LOW)
+    assert seen == [("decode", *normal), ("search", *normal), ("decode", *low), ("search", *normal)]
+
+
 def test_ordinary_requests_run_beside_a_bulk_piece_that_runs_at_low_priority():
     release, running = threading.Event(), threading.Event()
     calls = []
