@@ -168,10 +168,12 @@ def train_method(split: DecoySplit, config, epochs: int, seed: int) -> Trained:
     import time
 
     from training.guidance import get_method
-    from training.trainer import backward_step, build_model, build_optimizer, forward_step, set_train_mode
+    from training.trainer import backward_step, build_model, build_optimizer, forward_step, set_train_mode, to_device
 
     torch.manual_seed(seed)
     model = build_model(config)
+    if config.channels_last:  # as the trainer does: about 2x faster on the CPU
+        model.to(memory_format=torch.channels_last)
     method = get_method(config.guidance)
     optimiser = build_optimizer(config, model)
     scaler = torch.amp.GradScaler("cuda", enabled=False)  # fp16 loss scaling is for CUDA only
@@ -182,7 +184,7 @@ def train_method(split: DecoySplit, config, epochs: int, seed: int) -> Trained:
     for _ in range(epochs):
         order = torch.randperm(len(split), generator=generator)
         for start in range(0, len(order) - config.batch_size + 1, config.batch_size):  # full batches only
-            batch = split.batch(order[start : start + config.batch_size])
+            batch = to_device(split.batch(order[start : start + config.batch_size]), cpu, config.channels_last)
             began = time.perf_counter()
             result = forward_step(model, batch, method, config, cpu)
             if not torch.isfinite(result.loss):

@@ -257,7 +257,9 @@ def test_bench_guidance_command(tmp_path, capsys):
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["summary"]) == {"ce", "mask"} and result["images"]["decoy"] == {"train": 14, "val": 4, "test": 6}
-    assert result["runs"]["ce"][0]["step_ratio"] == 1.0
+    assert result["runs"]["ce"][0]["step_ratio"] == 1.0 and result["runs"]["ce"][0]["clean_gap"] == 0.0
+    mask_run = result["runs"]["mask"][0]
+    assert mask_run["clean_gap"] == pytest.approx(mask_run["clean_val_auc"] - result["runs"]["ce"][0]["clean_val_auc"])
     assert 0.0 <= result["summary"]["mask"]["follows_decoy"]["mean"] <= 1.0
     assert json.loads((out / "results.json").read_text())["cam_grid"] == [4, 4]
     assert (out / "cams.png").stat().st_size > 0

@@ -39,6 +39,7 @@ COLUMNS = (  # (key, header)
     ("cam_inside", "CAM inside"),
     ("val_auc", "decoy val AUC"),
     ("clean_val_auc", "clean val AUC"),
+    ("clean_gap", "clean val AUC - CE"),
     ("clean_test_auc", "clean test AUC"),
     ("step_ratio", "step time / CE"),
 )
@@ -116,6 +117,13 @@ def default_size(arch: str) -> int:
     return 64 if arch.startswith("cyborg_") else default_image_size(arch)
 
 
+def compare_with_ce(row: dict[str, Any], ce_row: dict[str, Any]) -> None:
+    """Add the step-time ratio and the clean validation AUC's difference to CE's run on the same seed."""
+    row["step_ratio"] = row["step_seconds"] / ce_row["step_seconds"]
+    if row.get("clean_val_auc") is not None and ce_row.get("clean_val_auc") is not None:
+        row["clean_gap"] = row["clean_val_auc"] - ce_row["clean_val_auc"]
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """Mean and std over seeds of every column."""
     import numpy as np
@@ -190,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
             runs[name].append(row)
             log.info("seed %d %s: %s (%.0f s so far)", seed, name, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)}, time.perf_counter() - began)
     if "ce" in runs:
-        for name in methods:  # per seed, against CE's step on the same seed
+        for name in methods:  # per seed, against CE's on the same seed
             for row, ce_row in zip(runs[name], runs["ce"]):
-                row["step_ratio"] = row["step_seconds"] / ce_row["step_seconds"]
+                compare_with_ce(row, ce_row)
     summary = {name: summarise(rows) for name, rows in runs.items()}
     result = {
         "settings": {key: getattr(args, key) for key in ("faces", "methods", "seeds", "epochs", "image_size", "arch", "weights", "faces_limit",
