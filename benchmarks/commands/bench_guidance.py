@@ -5,6 +5,9 @@ with the same backbone, recipe and seeds on the decoy task and on the clean task
 each: decoy test AUC, the share of test decisions that follow the decoy, the CAM's mass on the
 annotated regions, validation AUC on the decoy task and on the clean task, and step time relative
 to CE. CE's clean test AUC is the control: the true cue is learnable at all.
+
+Tiny backbones from scratch at 64 px by default; `--arch efficientnet_lite0 --weights imagenet`
+runs a real backbone from its pretrained weights at its own input size (docs/guidance.md).
 """
 
 from __future__ import annotations
