@@ -162,13 +162,7 @@ class Batcher:
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                if self._closed:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+        while await self._work_waiting(lambda: self._queue, self._wakeup):
             await self._slots.acquire()  # wait for a free execution slot; the queue keeps filling
             first = self._queue[0].enqueued
             while self._rows_queued() < self.max_batch_size and not self._closed:
@@ -193,17 +187,20 @@ class Batcher:
     async def _collect_bulk(self) -> None:
         """The bulk lane: pieces waiting now, up to `bulk_rows` (a small batch holds little engine
         memory), one batch at a time."""
-        while True:
-            if not self._bulk_queue:
-                if self._closed:
-                    return
-                self._bulk_wakeup.clear()
-                await self._bulk_wakeup.wait()
-                continue
+        while await self._work_waiting(lambda: self._bulk_queue, self._bulk_wakeup):
             batch, self._bulk_queue = take(self._bulk_queue, self.bulk_rows, self.bulk_rows)
             self._gauge()
             if batch:
                 await self._execute(batch, self.bulk_run, self._bulk_executor)
+
+    async def _work_waiting(self, queue, wakeup: asyncio.Event) -> bool:
+        """Wait until `queue()` holds work (True), or the batcher is closed with none left (False)."""
+        while not queue():
+            if self._closed:
+                return False
+            wakeup.clear()
+            await wakeup.wait()
+        return True
 
     def _rows_queued(self) -> int:
         rows = 0
