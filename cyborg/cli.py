@@ -25,6 +25,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("annotate",): ("annotate.command", "collect human saliency maps in the browser (and check a photo)"),
     ("train",): ("training.commands.train", "train a detector with the CYBORG loss"),
     ("evaluate",): ("training.commands.evaluate", "AUC, EER, accuracy, ROC and CAM pictures for a checkpoint"),
+    ("ensemble",): ("training.commands.ensemble", "average several checkpoints into one model (one checkpoint, one graph)"),
     ("export",): ("training.commands.export", "export a checkpoint to ONNX/TensorRT in a model repository"),
     ("models", "list"): ("serving.commands.models_list", "list the models in a model repository"),
     ("serve",): ("serving.commands.serve", "run the gRPC inference server"),

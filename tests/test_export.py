@@ -22,8 +22,9 @@ SIZE = 64
 N_VAL = 12
 
 
-def make_checkpoint(folder: Path, arch: str = "test_resnet", seed: int = 0) -> Path:
-    """A checkpoint with the trainer's keys: batch norms re-estimated, validation images on disk."""
+def make_checkpoint(folder: Path, arch: str = "test_resnet", seed: int = 0, out: Path | None = None) -> Path:
+    """A checkpoint with the trainer's keys: batch norms re-estimated, validation images on disk (written
+    once per architecture and folder, so checkpoints of several seeds share their validation images)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = create_classifier(arch)
@@ -36,12 +37,13 @@ def make_checkpoint(folder: Path, arch: str = "test_resnet", seed: int = 0) -> P
             model(torch.randint(0, 256, (8, 3, SIZE, SIZE), dtype=torch.uint8))
     model.eval()
     val_dir = folder / f"val-{arch}"
-    val_dir.mkdir(parents=True)
+    val_dir.mkdir(parents=True, exist_ok=True)
     paths, labels = [], []
     for i in range(N_VAL):
         label = i % 2
         path = val_dir / f"{i:02d}.png"
-        make_face_image(label, 80, rng).save(path)  # not 64 px: export must resize as serving does
+        if not path.exists():
+            make_face_image(label, 80, rng).save(path)  # not 64 px: export must resize as serving does
         paths.append(str(path))
         labels.append(label)
     from core.images import load_images
@@ -64,7 +66,7 @@ def make_checkpoint(folder: Path, arch: str = "test_resnet", seed: int = 0) -> P
         "history": [],
         "val_predictions": {"paths": paths, "labels": labels, "scores": scores, "sources": ["synthetic"] * N_VAL},
     }
-    path = folder / f"{arch}.pt"
+    path = out or folder / f"{arch}.pt"
     save_checkpoint(state, path)
     return path
 

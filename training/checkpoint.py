@@ -23,7 +23,7 @@ import torch
 from core.errors import UserError
 from core.images import spread
 from training.config import TrainConfig
-from training.model import CamClassifier, create_classifier
+from training.model import CamClassifier, EnsembleCamClassifier, create_classifier
 
 FORMAT_VERSION = 1
 FORMAT = f"cyborg-checkpoint-{FORMAT_VERSION}"
@@ -76,6 +76,7 @@ class Checkpoint:
     val_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # training.evaluate.binary_metrics
     val_predictions: ValPredictions = dataclasses.field(default_factory=ValPredictions)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics.jsonl rows so far
+    ensemble: list[dict[str, Any]] | None = None  # an averaged model's members (training.ensemble); None: one network
     # The optimisation state --resume restores.
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
@@ -122,6 +123,13 @@ class Checkpoint:
             problems.append(f"epoch {self.epoch!r}")
         if problems:
             raise CheckpointError(f"{where}: invalid checkpoint: {'; '.join(problems)}")
+
+    @property
+    def architecture(self) -> str:
+        """The network's name: the architecture, or "ensemble of N: a + b" for an averaged model."""
+        if self.ensemble:
+            return f"ensemble of {len(self.ensemble)}: " + " + ".join(member["arch"] for member in self.ensemble)
+        return self.config.arch
 
     @property
     def input_scale(self) -> int:
@@ -187,15 +195,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return read_checkpoint(path, map_location).to_dict()
 
 
-def model_from_checkpoint(state: Checkpoint | Mapping[str, Any]) -> tuple[CamClassifier, TrainConfig]:
+def model_from_checkpoint(state: Checkpoint | Mapping[str, Any]) -> tuple[CamClassifier | EnsembleCamClassifier, TrainConfig]:
     """Rebuild the trained model (in eval mode) and its config from a loaded checkpoint."""
     checkpoint = as_checkpoint(state).require()
     config = checkpoint.config
+    architectures = [member["arch"] for member in checkpoint.ensemble] if checkpoint.ensemble else [config.arch]
     try:
-        model = create_classifier(config.arch, mean=checkpoint.mean, std=checkpoint.std)
-        model.load_state_dict(checkpoint.model)
+        networks = [create_classifier(arch, mean=checkpoint.mean, std=checkpoint.std) for arch in architectures]
+        model = EnsembleCamClassifier(networks) if checkpoint.ensemble else networks[0]
+        model.load_state_dict(checkpoint.model)  # each member's own normalisation buffers come with it
     except (KeyError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"checkpoint does not match architecture {config.arch!r}: {error}") from error
+        raise CheckpointError(f"checkpoint does not match architecture {' + '.join(architectures)!r}: {error}") from error
     return model.eval(), config
 
 

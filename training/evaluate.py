@@ -122,6 +122,14 @@ def per_source_metrics(labels: np.ndarray, scores: np.ndarray, sources: Sequence
     return table
 
 
+def validation_metrics(labels: np.ndarray, scores: np.ndarray, sources: Sequence) -> dict[str, Any]:
+    """What a checkpoint records of its validation split: `binary_metrics` at the EER threshold plus AUC per source."""
+    metrics = binary_metrics(labels, scores)
+    per_source = per_source_metrics(labels, scores, sources, metrics["threshold"])
+    metrics["source_auc"] = {source: row["auc"] for source, row in per_source.items()}
+    return metrics
+
+
 def predict(
     model: CamClassifier,
     dataset: torch.utils.data.Dataset,
@@ -432,7 +440,7 @@ def checkpoint_provenance(path: Path, state: Checkpoint, config: TrainConfig, im
     return {
         "path": str(path.resolve()),
         "sha256": sha256_file(path),
-        "arch": config.arch,
+        "arch": state.architecture,
         "guidance": config.guidance,
         "alpha": config.alpha,
         "epoch": state.epoch,

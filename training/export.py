@@ -186,6 +186,7 @@ def training_provenance(state: Checkpoint, config, checkpoint: Path) -> dict[str
         "best": state.best,
         "seed": config.seed,
         "val_fraction": config.val_fraction,
+        **({"ensemble": state.ensemble} if state.ensemble else {}),
     }
 
 
@@ -236,7 +237,7 @@ def build_version(
     contract = c.ModelContract(
         name=request.name,
         version=request.version,
-        architecture=config.arch,
+        architecture=state.architecture,
         input_height=size,
         input_width=size,
         scale=state.input_scale,

@@ -9,6 +9,7 @@ that the decision is made from, with no hooks, no second forward and no per-arch
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import timm
 import torch
@@ -87,6 +88,22 @@ class CamClassifier(nn.Module):
         logits = class_maps.mean(dim=(2, 3))
         if bias is not None:
             logits = logits + bias.to(logits.dtype)
+        return CamOutput(logits=logits, class_maps=class_maps)
+
+
+class EnsembleCamClassifier(nn.Module):
+    """The mean of several CamClassifiers: logits and class maps averaged (each member normalises its own input)."""
+
+    def __init__(self, members: Sequence[CamClassifier]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two members")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> CamOutput:
+        outputs = [member(images) for member in self.members]
+        logits = torch.stack([out.logits for out in outputs]).mean(dim=0)
+        class_maps = torch.stack([out.class_maps for out in outputs]).mean(dim=0)
         return CamOutput(logits=logits, class_maps=class_maps)
 
 

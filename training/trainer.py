@@ -274,7 +274,7 @@ def train_one_epoch(
 
 def validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, info: DistInfo) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics and predictions on the validation set; each rank scores a shard, rank order restored."""
-    from training.evaluate import binary_metrics, per_source_metrics, predict
+    from training.evaluate import predict, validation_metrics
 
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
     part = predict(unwrap(model), shard, batch_size=config.batch_size, device=info.device, workers=config.workers) if len(shard) else None
@@ -282,11 +282,8 @@ def validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, info
     merged = {key: np.concatenate([p[key] for p in parts]) for key in ("indices", "labels", "scores")}
     order = np.argsort(merged["indices"], kind="stable")
     predictions = {key: value[order] for key, value in merged.items()}
-    metrics = binary_metrics(predictions["labels"], predictions["scores"])
     sources = [dataset.samples[int(i)].source for i in predictions["indices"]]
-    per_source = per_source_metrics(predictions["labels"], predictions["scores"], sources, metrics["threshold"])
-    metrics["source_auc"] = {source: row["auc"] for source, row in per_source.items()}
-    return metrics, predictions
+    return validation_metrics(predictions["labels"], predictions["scores"], sources), predictions
 
 
 # ---------------------------------------------------------------- the run

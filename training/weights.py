@@ -128,6 +128,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = checkpoint.model
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"--weights {path}: holds no state_dict of tensors")
+    members = {key.split(".")[1] for key in state if key.startswith("members.")}
+    if members:
+        raise UserError(f"--weights {path}: an ensemble of {len(members)} networks (`cyborg ensemble`); pass one member's checkpoint")
     return cyborg_to_backbone(state)
 
 
