@@ -20,7 +20,8 @@ test: setup
 serve: setup
 	$(BIN)/cyborg serve --model-repository models
 
-# Retrain and re-export the embedded default model (v4) from scratch on CPU (deterministic for SEED).
+# Retrain and re-export the embedded default model (v5: two CYBORG runs, seeds 0 and 1, averaged) from scratch on
+# CPU, about 70 minutes on 2 cores (deterministic for SEED, the validation split's seed).
 # DATA holds faces/, sd21-faces/ and portraits/ (../shared/data/README.md); it prints its own running time.
 DATA ?= ../shared/data
 SEED ?= 0

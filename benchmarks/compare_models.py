@@ -1,7 +1,7 @@
 """Exported model versions side by side on one data set, clean and under everyday changes.
 
-    .venv/bin/python -m benchmarks.compare_models models/cyborg-faces/1 models/cyborg-faces/2 \
-        --data ../shared/data/faces ../shared/data/sd21-faces ../shared/data/portraits --seed 0 --perturb all
+    .venv/bin/python -m benchmarks.compare_models models/cyborg-faces/4 models/cyborg-faces/5 \
+        --data runs/default-model/data/faces runs/default-model/data/sd21-faces runs/default-model/data/portraits --perturb all
 
 Works from the model repository alone (model.onnx + model.json, no checkpoint): each image goes
 through `core.images.prepare` with each version's own contract, exactly as the server prepares it,

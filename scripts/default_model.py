@@ -7,12 +7,12 @@ into aligned face crops with `cyborg data align` (what the server does to a phot
 serving see faces the same way), split as the seed-0 hold-out of the original folders splits them
 (a face's validation image is never another version's training image); proxy saliency maps for the
 FFHQ-aligned faces (`cyborg saliency prior`; the aligned crops of other sources train with CE
-only); a CYBORG and a CE run with the same recipe and seed on
-every source at once (`cyborg train DATA...`), the winner picked on the validation split (never test
-data), `cyborg evaluate --split val --perturb all` for both (the model card's figures, robustness
-and calibration), then `cyborg export` into the model repository (calibration and operating points
-fitted on validation). With --holdout SOURCE_FOLDER, one more run of the winner's recipe without
-that folder is evaluated on it: what to expect from a generator family the model never saw.
+only); one CYBORG run per member seed (`--members`, default 0 and 1) on every source at once
+(`cyborg train DATA...`), the members averaged into one model (`cyborg ensemble`), `cyborg evaluate
+--split val --perturb all` of it (the model card's figures, robustness and calibration), then
+`cyborg export` into the model repository (temperature calibration and operating points fitted on
+validation). With --holdout SOURCE_FOLDER, one more run of the first member's recipe without that
+folder is evaluated on it: what to expect from a generator family the model never saw.
 The recipe runs unchanged on a GPU (`--device cuda`).
 """
 
@@ -34,10 +34,7 @@ RECIPE = [
     "--augment", "everyday", "--augment-p", "0.1", "--optimizer", "adamw", "--lr", "0.0005",
     "--weight-decay", "0.05", "--schedule", "cosine", "--epochs", "15", "--batch-size", "32", "--no-progress",
 ]  # fmt: skip
-RUNS = {
-    "cyborg": ["--guidance", "cyborg", "--alpha", "0.5"],
-    "ce": ["--guidance", "ce", "--alpha", "1"],
-}
+GUIDANCE = ["--guidance", "cyborg", "--alpha", "0.5"]
 
 
 def cyborg(*args: str) -> None:
@@ -79,22 +76,26 @@ def prepared_data(data: Path, work: Path, seed: int) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help=f"folder holding {', '.join(FOLDERS)}")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the validation split's seed (default 0)")
+    parser.add_argument("--members", default="0,1", help="training seeds of the ensemble's members; one seed: one network (default 0,1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path("runs/default-model"), help="scratch folder for data links, maps and runs")
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--name", default="cyborg-faces")
-    parser.add_argument("--version", type=int, default=4)
-    parser.add_argument("--runs", default="cyborg,ce", help="which of cyborg, ce to train (the best on validation is exported)")
+    parser.add_argument("--version", type=int, default=5)
+    parser.add_argument("--calibrate", default="temperature", help="export's --calibrate (default temperature: one parameter)")
     parser.add_argument("--holdout", default=None, help=f"one of {', '.join(FOLDERS)}: also train without it and evaluate on it")
     args = parser.parse_args()
     folders = [args.data / name for name in FOLDERS]
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
         parser.error(f"missing data folders: {', '.join(missing)} (see ../shared/data/README.md)")
-    runs = [name for name in args.runs.split(",") if name]
-    if not runs or any(name not in RUNS for name in runs):
-        parser.error(f"--runs: a comma list of {', '.join(RUNS)}")
+    try:
+        seeds = [int(seed) for seed in args.members.split(",") if seed.strip()]
+    except ValueError:
+        parser.error(f"--members {args.members!r}: a comma list of integer seeds")
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--members {args.members!r}: one or more different seeds")
     if args.holdout is not None and args.holdout not in FOLDERS:
         parser.error(f"--holdout: one of {', '.join(FOLDERS)}")
     started = time.monotonic()
@@ -102,37 +103,39 @@ def main() -> int:
     if not (maps / "PROVENANCE.json").is_file():
         cyborg("saliency", "prior", str(args.data / ALIGNED), "--out", str(maps))
     data = prepared_data(args.data, args.work, args.seed)
-    common = ["--heatmaps", str(maps), *RECIPE, "--device", args.device, "--seed", str(args.seed)]
-    results = {}
-    for name in runs:
-        run_dir = args.work / name
+    common = ["--heatmaps", str(maps), *RECIPE, *GUIDANCE, "--device", args.device]
+    members = []
+    for seed in seeds:
+        run_dir = args.work / f"cyborg-seed{seed}"
         if not (run_dir / "best.pt").is_file() or not (run_dir / "metrics.jsonl").is_file():
-            cyborg("train", *data, *common, *RUNS[name], "--out", str(run_dir))
-        cyborg("evaluate", str(run_dir / "best.pt"), *data, "--heatmaps", str(maps), "--split", "val", "--perturb", "all",
-               "--device", args.device, "--out", str(run_dir / "val"))  # fmt: skip
-        results[name] = json.loads((run_dir / "val" / "results.json").read_text())
-    winner = max(results, key=lambda name: results[name]["auc"] or -1.0)
-    summary = {"winner": winner, "seed": args.seed, "recipe": RECIPE, "runs": {}}
-    for name, result in results.items():
-        summary["runs"][name] = {"flags": RUNS[name], "val_auc": result["auc"], "val_eer": result["eer"],
-                                 "per_source_auc": {s: row["auc"] for s, row in result["per_source"].items()}}  # fmt: skip
+            cyborg("train", *data, *common, "--seed", str(seed), "--out", str(run_dir))
+        members.append(run_dir / "best.pt")
+    model = members[0]
+    if len(members) > 1:
+        model = args.work / "ensemble.pt"
+        cyborg("ensemble", *map(str, members), "--out", str(model), "--device", args.device)
+    cyborg("evaluate", str(model), *data, "--heatmaps", str(maps), "--split", "val", "--perturb", "all",
+           "--device", args.device, "--out", str(args.work / "val"))  # fmt: skip
+    result = json.loads((args.work / "val" / "results.json").read_text())
+    summary = {"members": seeds, "split_seed": args.seed, "recipe": RECIPE + GUIDANCE, "model": str(model),
+               "val_auc": result["auc"], "per_source_auc": {s: row["auc"] for s, row in result["per_source"].items()}}  # fmt: skip
     if args.holdout is not None:
         kept = [folder for folder in data if Path(folder).name != args.holdout]
         run_dir = args.work / f"without-{args.holdout}"
         if not (run_dir / "best.pt").is_file():
-            cyborg("train", *kept, *common, *RUNS[winner], "--out", str(run_dir))
+            cyborg("train", *kept, *common, "--seed", str(seeds[0]), "--out", str(run_dir))
         cyborg("evaluate", str(run_dir / "best.pt"), *data, "--heatmaps", str(maps), "--split", "val", "--perturb", "clean",
                "--device", args.device, "--out", str(run_dir / "val"))  # fmt: skip
         held = json.loads((run_dir / "val" / "results.json").read_text())
         summary["holdout"] = {"folder": args.holdout, "val_auc": held["auc"],
                               "per_source_auc": {s: row["auc"] for s, row in held["per_source"].items()}}  # fmt: skip
-    cyborg("export", str(args.work / winner / "best.pt"), "--repository", str(args.repository),
-           "--name", args.name, "--version", str(args.version), "--force")  # fmt: skip
+    cyborg("export", str(model), "--repository", str(args.repository), "--name", args.name,
+           "--version", str(args.version), "--calibrate", args.calibrate, "--force")  # fmt: skip
     elapsed = time.monotonic() - started
     summary["seconds"] = round(elapsed)
     (args.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
-    print(f"default model rebuilt in {elapsed / 60:.1f} min: {args.repository / args.name / str(args.version)} ({winner})")
+    print(f"default model rebuilt in {elapsed / 60:.1f} min: {args.repository / args.name / str(args.version)}")
     return 0
 
 
