@@ -205,7 +205,7 @@ def model_from_checkpoint(state: Checkpoint | Mapping[str, Any]) -> tuple[CamCla
         model = EnsembleCamClassifier(networks) if checkpoint.ensemble else networks[0]
         model.load_state_dict(checkpoint.model)  # each member's own normalisation buffers come with it
     except (KeyError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"checkpoint does not match architecture {' + '.join(architectures)!r}: {error}") from error
+        raise CheckpointError(f"checkpoint does not match architecture {checkpoint.architecture!r}: {error}") from error
     return model.eval(), config
 
 

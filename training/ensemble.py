@@ -9,7 +9,6 @@ fitted on its own validation scores, which `build_ensemble` measures by running 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ from core import contract as c
 from core.errors import UserError
 from training.checkpoint import Checkpoint, ValPredictions, model_from_checkpoint, read_checkpoint
 from training.model import EnsembleCamClassifier, cam_grid
-
-log = logging.getLogger(__name__)
 
 
 def member_record(path: Path, checkpoint: Checkpoint) -> dict[str, Any]:
@@ -93,8 +90,6 @@ def build_ensemble(paths: Sequence[str | Path], batch_size: int = 32, device: st
     kept = [dataset.samples[int(i)] for i in predictions["indices"]]
     metrics = validation_metrics(predictions["labels"], predictions["scores"], [s.source for s in kept])
     records = [member_record(path, member) for path, member in zip(paths, members)]
-    log.info("ensemble of %d: validation AUC %.4f (members %s)", len(paths), metrics["auc"],
-             ", ".join(f"{r['val_auc']:.4f}" for r in records if r["val_auc"] is not None))  # fmt: skip
     first = members[0]
     return Checkpoint(
         config=first.config,
