@@ -283,3 +283,5 @@ def test_cli_clear_errors(tmp_path, capsys):
     assert "no such checkpoint" in capsys.readouterr().err
     assert main(["evaluate", str(checkpoint), str(data), "--threshold", "1.5", "--out", str(tmp_path / "o")]) == 2
     assert "--threshold 1.5" in capsys.readouterr().err
+    assert main(["evaluate", str(checkpoint), str(data), "--calibrate", "isotonic", "--out", str(tmp_path / "o")]) == 2
+    assert "--calibrate 'isotonic': one of auto, none, temperature, platt" in capsys.readouterr().err

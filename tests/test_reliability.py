@@ -33,3 +33,16 @@ def test_report_fits_on_validation_and_measures_on_the_evaluated_data(tmp_path):
 
     bare = calibration_report(as_checkpoint({}), labels, scores, tmp_path)  # nothing to fit on: raw only
     assert bare["calibration"] is None and bare["calibrated"] is None and bare["raw"] == report["raw"]
+
+
+def test_report_fits_the_method_asked_for(tmp_path):
+    """`cyborg evaluate --calibrate temperature` reports the calibration `cyborg export --calibrate temperature` writes."""
+    val_labels, val_scores = overconfident(2000, seed=0)
+    labels, scores = overconfident(2000, seed=1)
+    state = as_checkpoint({"val_predictions": {"labels": val_labels.tolist(), "scores": val_scores.tolist()}})
+    temperature = calibration_report(state, labels, scores, tmp_path, "temperature")
+    expected = fit_calibration(val_labels, val_scores, "temperature")
+    assert temperature["calibration"]["method"] == "temperature" and temperature["calibration"] == {**expected.to_dict(), "fitted_on": temperature["calibration"]["fitted_on"]}
+    assert temperature["calibrated"]["ece"] == pytest.approx(expected_calibration_error(labels, expected.apply(scores)))
+    assert temperature["calibrated"] != calibration_report(state, labels, scores, tmp_path)["calibrated"]  # auto picks Platt here
+    assert calibration_report(state, labels, scores, tmp_path, "none")["calibrated"]["ece"] == pytest.approx(temperature["raw"]["ece"])

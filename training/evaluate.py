@@ -24,7 +24,7 @@ from core.errors import UserError
 from core.contract import CLASS_NAMES, called_fake, sha256_file
 from core.heatmaps import upsample
 from core.images import read_image, to_model_input
-from core.thresholds import FALLBACK_THRESHOLD, equal_error_rate, evaluation_threshold, roc_curve
+from core.thresholds import CALIBRATION_CHOICES, FALLBACK_THRESHOLD, equal_error_rate, evaluation_threshold, roc_curve
 from training.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint
 from training.config import TrainConfig
 from training.data import FaceDataset, data_folders, discover, saliency_provenance, split_samples, summarise
@@ -467,6 +467,7 @@ def evaluate_checkpoint(
     max_cams: int = 16,
     skip_unreadable: bool = False,
     perturb: str | None = None,
+    calibrate: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a data set; writes OUT/results.json, roc.png, cams.png, predictions.csv.
 
@@ -474,10 +475,14 @@ def evaluate_checkpoint(
     also scored after each everyday change: results.json's "perturbations" and perturbations.png.
 
     The threshold is `threshold` if given, else the one chosen on the checkpoint's validation split
-    (its val_metrics["eer_threshold"]), never one fitted to the evaluated data.
+    (its val_metrics["eer_threshold"]), never one fitted to the evaluated data. `calibrate` is the
+    calibration method fitted on the checkpoint's validation predictions for the ECE report (the
+    `--calibrate` of `cyborg export`: auto, temperature, platt or none).
     """
     checkpoint, out = Path(checkpoint), Path(out)
     perturbations = parse_perturbations(perturb) if perturb is not None else None
+    if calibrate not in CALIBRATION_CHOICES:
+        raise UserError(f"--calibrate {calibrate!r}: one of {', '.join(CALIBRATION_CHOICES)}")
     state = read_checkpoint(checkpoint)
     model, config = model_from_checkpoint(state)
     torch_device = resolve_device(device)
@@ -544,7 +549,7 @@ def evaluate_checkpoint(
     if robustness is not None:
         results["perturbations"] = robustness
         results["files"]["perturbations"] = "perturbations.png"
-    results["calibration"] = calibration_report(state, labels, scores, out)  # ECE raw and calibrated, reliability.png
+    results["calibration"] = calibration_report(state, labels, scores, out, calibrate)  # ECE raw and calibrated, reliability.png
     results["files"]["reliability"] = results["calibration"]["plot"]
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also score the images after everyday changes: a comma list of clean, jpeg90, jpeg70, jpeg50, jpeg30, webp, "
         "half, up2x, blur1, blur2, crop80, screenshot, or all (writes perturbations.png; docs/evaluation.md)",
     )
+    parser.add_argument("--calibrate", default="auto", metavar="METHOD",
+                        help="the calibration the ECE report fits on the checkpoint's validation predictions: auto "
+                             "(default), temperature, platt or none; pass the --calibrate you export with")  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder for results.json, roc.png, cams.png, predictions.csv")
 
 
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         max_cams=args.cams,
         skip_unreadable=args.skip_unreadable,
         perturb=args.perturb,
+        calibrate=args.calibrate,
     )
     print(summary(results))
     return 0
