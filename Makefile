@@ -20,8 +20,8 @@ test: setup
 serve: setup
 	$(BIN)/cyborg serve --model-repository models
 
-# Retrain and re-export the embedded default model (v5: two CYBORG runs, seeds 0 and 1, averaged) from scratch on
-# CPU, about 70 minutes on 2 cores (deterministic for SEED, the validation split's seed).
+# Retrain and re-export the embedded default model (v6: one CYBORG run on the whole 256-px face, seed 1) from
+# scratch on CPU, about 70 minutes on 2 cores (deterministic for SEED, the validation split's seed).
 # DATA holds faces/, sd21-faces/ and portraits/ (../shared/data/README.md); it prints its own running time.
 DATA ?= ../shared/data
 SEED ?= 0

@@ -7,9 +7,10 @@ into aligned face crops with `cyborg data align` (what the server does to a phot
 serving see faces the same way), split as the seed-0 hold-out of the original folders splits them
 (a face's validation image is never another version's training image); proxy saliency maps for the
 FFHQ-aligned faces (`cyborg saliency prior`; the aligned crops of other sources train with CE
-only); one CYBORG run per member seed (`--members`, default 0 and 1) on every source at once
-(`cyborg train DATA...`), the members averaged into one model (`cyborg ensemble`), `cyborg evaluate
---split val --perturb all` of it (the model card's figures, robustness and calibration), then
+only); one CYBORG run per member seed (`--members`, default one run, seed 1) on every source at
+once (`cyborg train DATA...`) on the whole 256-px face, several members averaged into one model
+(`cyborg ensemble`), `cyborg evaluate --split val --perturb all` of it (the model card's figures,
+robustness and calibration), then
 `cyborg export` into the model repository (temperature calibration and operating points fitted on
 validation). With --holdout SOURCE_FOLDER, one more run of the first member's recipe without that
 folder is evaluated on it: what to expect from a generator family the model never saw.
@@ -26,11 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as a file
+
 FOLDERS = ("faces", "sd21-faces", "portraits")  # under --data: FFHQ + StyleGAN, Stable Diffusion 2.1, studio portraits
 ALIGNED = "faces"  # the FFHQ-aligned folder (used as is; the proxy face-part template fits it)
 VAL_FRACTION = 0.1
 RECIPE = [
-    "--arch", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "224", "--scale", "256",
+    "--arch", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "256", "--scale", "256",
     "--augment", "everyday", "--augment-p", "0.1", "--optimizer", "adamw", "--lr", "0.0005",
     "--weight-decay", "0.05", "--schedule", "cosine", "--epochs", "15", "--batch-size", "32", "--no-progress",
 ]  # fmt: skip
@@ -40,14 +43,18 @@ GUIDANCE = ["--guidance", "cyborg", "--alpha", "0.5"]
 def cyborg(*args: str) -> None:
     command = [sys.executable, "-m", "cyborg.cli", "--log-level", "INFO", *args]
     print("+ cyborg " + " ".join(args), flush=True)
-    subprocess.run(command, check=True)
+    from training.distributed import HUGE_PAGES  # fewer page faults in CPU training (docs/training.md)
+
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" not in tunables:
+        tunables = ":".join(filter(None, (tunables, HUGE_PAGES)))
+    subprocess.run(command, check=True, env={**os.environ, "GLIBC_TUNABLES": tunables})
 
 
 def prepared_data(data: Path, work: Path, seed: int) -> list[str]:
     """WORK/data/FOLDER/{train,val}/CLASS: links to the aligned folder's images and to aligned crops of
     the others (`cyborg data align`, the largest face of each image), split as `cyborg train` splits
     the original folders for `seed`, so every version's validation images are the same faces."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from training.data import discover, split_samples
 
     out = work / "data"
@@ -77,12 +84,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help=f"folder holding {', '.join(FOLDERS)}")
     parser.add_argument("--seed", type=int, default=0, help="the validation split's seed (default 0)")
-    parser.add_argument("--members", default="0,1", help="training seeds of the ensemble's members; one seed: one network (default 0,1)")
+    parser.add_argument("--members", default="1", help="training seeds: one seed trains one network (default 1, v6); several are averaged with `cyborg ensemble` (v5 was 0,1 at 224 px)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path("runs/default-model"), help="scratch folder for data links, maps and runs")
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--name", default="cyborg-faces")
-    parser.add_argument("--version", type=int, default=5)
+    parser.add_argument("--version", type=int, default=6)
     parser.add_argument("--calibrate", default="temperature", help="export's --calibrate (default temperature: one parameter)")
     parser.add_argument("--holdout", default=None, help=f"one of {', '.join(FOLDERS)}: also train without it and evaluate on it")
     args = parser.parse_args()
@@ -115,7 +122,7 @@ def main() -> int:
         model = args.work / "ensemble.pt"
         cyborg("ensemble", *map(str, members), "--out", str(model), "--device", args.device)
     cyborg("evaluate", str(model), *data, "--heatmaps", str(maps), "--split", "val", "--perturb", "all",
-           "--device", args.device, "--out", str(args.work / "val"))  # fmt: skip
+           "--calibrate", args.calibrate, "--device", args.device, "--out", str(args.work / "val"))  # fmt: skip
     result = json.loads((args.work / "val" / "results.json").read_text())
     summary = {"members": seeds, "split_seed": args.seed, "recipe": RECIPE + GUIDANCE, "model": str(model),
                "val_auc": result["auc"], "per_source_auc": {s: row["auc"] for s, row in result["per_source"].items()}}  # fmt: skip

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import platform
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -61,3 +63,12 @@ def test_single_process_without_torchrun(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     info = init_distributed_mode("cpu")
     assert (info.rank, info.world_size, info.distributed, info.is_main) == (0, 1, False, True)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the hint is about glibc's allocator")
+def test_cpu_allocator_hint_names_the_tunable_until_it_is_set():
+    from training.distributed import HUGE_PAGES, cpu_allocator_hint
+
+    assert f"GLIBC_TUNABLES={HUGE_PAGES}" in cpu_allocator_hint({})
+    assert HUGE_PAGES in cpu_allocator_hint({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert cpu_allocator_hint({"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE_PAGES}"}) is None

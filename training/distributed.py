@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import platform
 from typing import Any
 
 import torch
@@ -46,6 +47,26 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise UserError(f"--device {name!r}: choose auto, cpu or cuda")
+
+
+HUGE_PAGES = "glibc.malloc.hugetlb=1"  # GLIBC_TUNABLES setting: glibc backs its large allocations with huge pages
+
+
+def cpu_allocator_hint(environ: dict[str, str] | None = None) -> str | None:
+    """Advice for CPU training under glibc without huge pages, else None.
+
+    glibc serves every allocation above 32 MB (most activations of a batch) with a fresh mmap and
+    unmaps it on free, so each training step faults in gigabytes of 4 KiB pages; the kernel time
+    that costs is about half the step on a 2-core CPU (docs/training.md, "CPU training"). glibc reads
+    GLIBC_TUNABLES only at start-up, so the hint names the variable to set before the command.
+    """
+    environ = os.environ if environ is None else environ
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+        return None
+    return (f"CPU training: start the command with GLIBC_TUNABLES={HUGE_PAGES} in the environment "
+            "(fewer page faults per step, faster training; docs/training.md, CPU training)")  # fmt: skip
 
 
 def init_distributed_mode(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:

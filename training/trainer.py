@@ -370,6 +370,9 @@ def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> d
     ddp_model = distributed.wrap_model(run.model, info)
     loader = train_loader(run.data.train, config, info)
     metrics_log = MetricsLog(run_dir, run.history) if info.is_main else None
+    hint = distributed.cpu_allocator_hint() if info.device.type == "cpu" else None
+    if hint and info.is_main:
+        log.warning(hint)
     if info.is_main:
         log.info(
             "training %s (%s guidance, alpha %s, %s maps) on %d images, validating on %d; %s px, CAM %dx%d, device %s x%d",
