@@ -9,7 +9,9 @@ and through ONNX Runtime on the CPU. The images are the validation split `cyborg
 DATA for --seed and --val-fraction (the newest version's training record gives both by default),
 so a version trained on other images may have seen some of them: say so when reading its figures.
 Prints AUC overall and per source for every perturbation, ECE of the calibrated probability, the
-share of real images called fake at each version's default operating point, and images/s.
+share of real images called fake at each version's default operating point, and images/s (ONNX
+Runtime CPU, batch 32: the median of --rounds rounds in which the versions take turns, after a
+warm-up pass, so the ratios between versions hold on a loaded machine).
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ def score(backend: OnnxRuntimeBackend, images: np.ndarray) -> np.ndarray:
     return np.concatenate([backend.run(images[i : i + BATCH])[c.SCORE_OUTPUT] for i in range(0, len(images), BATCH)])
 
 
-def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float, perturb: str) -> dict:
+def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float, perturb: str, rounds: int = 5) -> dict:
     samples = split_samples(discover(data if len(data) > 1 else data[0]), val_fraction, seed)["val"]
     labels = np.array([s.label for s in samples])
     sources = [s.source for s in samples]
     decoded = [read_image(s.path) for s in samples]
     report: dict = {"images": len(samples), "seed": seed, "val_fraction": val_fraction, "data": data, "models": {}}
+    timed = []  # (clean row, backend, prepared clean images) of every version, timed together at the end
     for folder in folders:
         contract = c.read_contract(folder)
         backend = OnnxRuntimeBackend(folder / c.ONNX_FILE, device="cpu")
@@ -49,9 +52,7 @@ def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float
         rows = {}
         for perturbation in parse_perturbations(perturb):
             images = np.stack([prepare(perturbation(image), contract) for image in decoded])
-            started = time.perf_counter()
             scores = score(backend, images)
-            elapsed = time.perf_counter() - started
             metrics = binary_metrics(labels, scores, contract.threshold)
             per_source = per_source_metrics(labels, scores, sources, contract.threshold)
             rows[perturbation.name] = {
@@ -64,9 +65,25 @@ def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float
             }  # fmt: skip
             if perturbation.name == "clean":
                 rows["clean"]["ece_probability"] = expected_calibration_error(labels, calibration.apply(scores))
-                rows["clean"]["images_per_s"] = len(images) / elapsed
+                timed.append((rows["clean"], backend, images))
         report["models"][f"{contract.name} v{contract.version}"] = rows
+    for row, rate in zip((row for row, _, _ in timed), images_per_second([(b, i) for _, b, i in timed], rounds)):
+        row["images_per_s"] = rate
+    report["speed"] = {"rounds": rounds, "batch": BATCH, "timing": "median of interleaved rounds over the clean images"}
     return report
+
+
+def images_per_second(models: list[tuple[OnnxRuntimeBackend, np.ndarray]], rounds: int) -> list[float]:
+    """Each model's images/s on its images: the median of `rounds` rounds, the models taking turns
+    within each round, so a change in the machine's load falls on all of them alike (the first
+    scoring pass above was the warm-up)."""
+    rates: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for rate, (backend, images) in zip(rates, models):
+            started = time.perf_counter()
+            score(backend, images)
+            rate.append(len(images) / (time.perf_counter() - started))
+    return [float(np.median(rate)) for rate in rates]
 
 
 def main() -> None:
@@ -76,9 +93,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--perturb", default="clean")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds for images/s (default 5)")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
-    report = compare(args.versions, args.data, args.seed, args.val_fraction, args.perturb)
+    report = compare(args.versions, args.data, args.seed, args.val_fraction, args.perturb, args.rounds)
     for name, rows in report["models"].items():
         clean = rows["clean"]
         print(f"{name}: {report['images']} images; clean AUC {clean['auc']:.4f}, ECE {clean['ece_probability']:.4f}, "
