@@ -43,12 +43,9 @@ GUIDANCE = ["--guidance", "cyborg", "--alpha", "0.5"]
 def cyborg(*args: str) -> None:
     command = [sys.executable, "-m", "cyborg.cli", "--log-level", "INFO", *args]
     print("+ cyborg " + " ".join(args), flush=True)
-    from training.distributed import HUGE_PAGES  # fewer page faults in CPU training (docs/training.md)
+    from training.distributed import with_huge_pages  # fewer page faults in CPU training (docs/training.md)
 
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" not in tunables:
-        tunables = ":".join(filter(None, (tunables, HUGE_PAGES)))
-    subprocess.run(command, check=True, env={**os.environ, "GLIBC_TUNABLES": tunables})
+    subprocess.run(command, check=True, env=with_huge_pages(dict(os.environ)))
 
 
 def prepared_data(data: Path, work: Path, seed: int) -> list[str]:

@@ -72,3 +72,11 @@ def test_cpu_allocator_hint_names_the_tunable_until_it_is_set():
     assert f"GLIBC_TUNABLES={HUGE_PAGES}" in cpu_allocator_hint({})
     assert HUGE_PAGES in cpu_allocator_hint({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert cpu_allocator_hint({"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE_PAGES}"}) is None
+
+
+def test_with_huge_pages_adds_the_tunable_once_and_keeps_the_others():
+    from training.distributed import HUGE_PAGES, with_huge_pages
+
+    assert with_huge_pages({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": HUGE_PAGES}
+    assert with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{HUGE_PAGES}"
+    assert with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=2"}) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=2"}

@@ -52,6 +52,18 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 HUGE_PAGES = "glibc.malloc.hugetlb=1"  # GLIBC_TUNABLES setting: glibc backs its large allocations with huge pages
 
 
+def _has_huge_pages(environ) -> bool:
+    return "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "")
+
+
+def with_huge_pages(environ: dict[str, str]) -> dict[str, str]:
+    """A copy of `environ` whose GLIBC_TUNABLES also holds HUGE_PAGES (other tunables kept; an existing
+    hugetlb setting left as it is), for starting a CPU training process."""
+    if _has_huge_pages(environ):
+        return dict(environ)
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (environ.get("GLIBC_TUNABLES", ""), HUGE_PAGES)))}
+
+
 def cpu_allocator_hint(environ: dict[str, str] | None = None) -> str | None:
     """Advice for CPU training under glibc without huge pages, else None.
 
@@ -63,7 +75,7 @@ def cpu_allocator_hint(environ: dict[str, str] | None = None) -> str | None:
     environ = os.environ if environ is None else environ
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+    if _has_huge_pages(environ):
         return None
     return (f"CPU training: start the command with GLIBC_TUNABLES={HUGE_PAGES} in the environment "
             "(fewer page faults per step, faster training; docs/training.md, CPU training)")  # fmt: skip
