@@ -107,9 +107,12 @@ def test_make_augmenter_follows_the_config():
     assert make_augmenter(TrainConfig()) is None  # default: no augmentation, as before
     everyday = make_augmenter(TrainConfig(augment="everyday"))
     assert everyday.names == AUGMENTATIONS and everyday.settings.p == 0.1 and everyday.settings.flip_p == 0.5
-    chosen = make_augmenter(TrainConfig(augment="JPEG, blur", augment_p=0.3, augment_jpeg_min=50, augment_blur_max=1.5))
+    chosen = make_augmenter(
+        TrainConfig(augment="JPEG, blur", augment_p=0.3, augment_jpeg_min=50, augment_blur_max=1.5, augment_zoom_max=1.3)
+    )
     assert chosen.names == ("blur", "jpeg") and chosen.settings.p == 0.3
     assert chosen.settings.jpeg_quality == (50, 100) and chosen.settings.blur_sigma == (0.0, 1.5)
+    assert chosen.settings.zoom == (1.0, 1.3) and everyday.settings.zoom == (1.0, 1.15)
     assert augmentation_names("none") == () and augmentation_names("flip,everyday") == AUGMENTATIONS
 
 
@@ -127,6 +130,7 @@ def test_every_name_has_a_change():
         ({"augment_flip_p": -0.1}, "--augment-flip-p"),
         ({"augment_jpeg_min": 0}, "--augment-jpeg-min 0"),
         ({"augment_blur_max": 20.0}, "--augment-blur-max 20.0"),
+        ({"augment_zoom_max": 0.8}, r"--augment-zoom-max 0.8: must be in \[1, 2\]"),
     ],
 )
 def test_bad_settings_are_refused_clearly(settings, message):

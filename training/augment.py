@@ -74,6 +74,7 @@ class AugmentSettings:
             jpeg_quality=(config.augment_jpeg_min, 100),
             webp_quality=(config.augment_jpeg_min, 100),
             blur_sigma=(0.0, config.augment_blur_max),
+            zoom=(1.0, config.augment_zoom_max),
         )
 
 

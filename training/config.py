@@ -43,6 +43,7 @@ class TrainConfig:
     augment_flip_p: float = 0.5  # probability of a horizontal flip
     augment_jpeg_min: int = 30  # JPEG / WebP quality drawn uniformly in [augment_jpeg_min, 100]
     augment_blur_max: float = 3.0  # Gaussian blur sigma drawn uniformly in [0, augment_blur_max]
+    augment_zoom_max: float = 1.15  # shift: a crop of 1/zoom of each side, zoom drawn in [1, augment_zoom_max]
     # optimisation (the paper's recipe)
     epochs: int = 50
     batch_size: int = 20
@@ -90,6 +91,8 @@ class TrainConfig:
             raise UserError(f"--augment-jpeg-min {self.augment_jpeg_min}: must be in [1, 100] (a JPEG quality)")
         if not 0.0 <= self.augment_blur_max <= 10.0:
             raise UserError(f"--augment-blur-max {self.augment_blur_max}: must be in [0, 10] (pixels)")
+        if not 1.0 <= self.augment_zoom_max <= 2.0:
+            raise UserError(f"--augment-zoom-max {self.augment_zoom_max}: must be in [1, 2] (1 = no zoom)")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in (0, 1)")
 

@@ -24,6 +24,8 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--augment-flip-p": ("augment_flip_p", float, "probability of a horizontal flip (default: 0.5)"),
     "--augment-jpeg-min": ("augment_jpeg_min", int, "JPEG and WebP quality drawn in [this, 100] (default: 30)"),
     "--augment-blur-max": ("augment_blur_max", float, "Gaussian blur sigma drawn in [0, this] pixels (default: 3)"),
+    "--augment-zoom-max": ("augment_zoom_max", float, "shift: a crop of 1/zoom of each side resized back, zoom drawn in "
+                           "[1, this] (default: 1.15)"),
     "--epochs": ("epochs", int, "epochs (default: 50)"),
     "--batch-size": ("batch_size", int, "batch size per process (default: 20)"),
     "--image-size": ("image_size", int, "input side in pixels (default: the architecture's, 224 or 299)"),
