@@ -1,10 +1,12 @@
 """The model repository: `<root>/<name>/<version>/model.onnx + model.json` (Triton's layout).
 
-Every model under the root is served at its newest version that loads (Triton's default "latest
-1" policy). `reload()` rescans: a new or changed version is loaded and warmed off the event loop
+Every model under the root is served at the versions its `VersionPolicy` selects (Triton's
+`version_policy`): by default its newest version that loads (Triton's "latest 1"), else the N newest
+that load, all that load, or specific version numbers. A request for version 0 goes to the newest
+loaded version. `reload()` rescans: a new or changed version is loaded and warmed off the event loop
 before it replaces the old one, which is unloaded once its in-flight requests finish; a version that
 fails (bad checksum, corrupt ONNX, bad model.json, wrong outputs) is logged, counted in
-`cyborg_model_load_failure` and skipped, and the old version keeps serving. A folder without
+`cyborg_model_load_failure` and skipped, and the other versions keep serving. A folder without
 model.json yet (an export in progress) is left alone until it has one. `unload_model(name)` stops
 serving a model until `load_model(name)` (the Open Inference Protocol's load/unload extension,
 behind `cyborg serve --model-load-api`); reloads leave such a model unloaded.
@@ -18,6 +20,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +35,53 @@ from engines.runtime import Backend, OnnxRuntimeBackend, load_backend
 log = logging.getLogger(__name__)
 
 
+VERSION_POLICY_FORMS = "latest (the newest version that loads), latest:N (the N newest that load, N >= 1), all, or version numbers such as 6,7"
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of each model serve (Triton's `version_policy`; `cyborg serve --version-policy`).
+
+    `latest` N: the N newest versions that load (a broken version's place goes to the next older
+    one); `all`: every version that loads; `specific`: those of `versions` that load.
+    """
+
+    kind: str = "latest"  # latest | all | specific
+    count: int = 1  # latest: how many versions
+    versions: tuple[int, ...] = ()  # specific: which versions, newest first
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        """`latest`, `latest:N`, `all` or a comma list of version numbers; UserError otherwise."""
+        from core.errors import UserError
+
+        value = text.strip().lower()
+        if value == "latest":
+            return cls()
+        if value == "all":
+            return cls("all")
+        count = value.removeprefix("latest:")
+        if count != value and re.fullmatch(r"[0-9]{1,9}", count.strip()) and int(count) >= 1:
+            return cls("latest", int(count))
+        items = [item.strip() for item in value.split(",")]
+        if count == value and all(re.fullmatch(r"[0-9]{1,18}", item) and int(item) >= 1 for item in items):
+            return cls("specific", versions=tuple(sorted({int(item) for item in items}, reverse=True)))
+        raise UserError(f"--version-policy {text[:80]!r}: expected {VERSION_POLICY_FORMS}")
+
+    def __str__(self) -> str:
+        if self.kind == "specific":
+            return ",".join(map(str, self.versions))
+        return "all" if self.kind == "all" else f"latest:{self.count}"
+
+    def wants(self, version: int) -> bool:
+        """Whether the policy may serve `version` at all."""
+        return self.kind != "specific" or version in self.versions
+
+    def enough(self, chosen: int) -> bool:
+        """Whether `chosen` loaded versions (taken newest first) fill the policy."""
+        return self.kind == "latest" and chosen >= self.count
+
+
 @dataclasses.dataclass(frozen=True)
 class RepositorySettings:
     backend: str = "auto"
@@ -43,13 +93,14 @@ class RepositorySettings:
     max_inflight_batches: int = 1
     default_model: str = ""
     bulk_lane: bool = True  # large raw requests on a second, one-thread, low-priority engine (ONNX Runtime on CPU)
+    version_policy: VersionPolicy = VersionPolicy()  # which versions of each model serve (default: the newest that loads)
 
 
 @dataclasses.dataclass
 class VersionStatus:
     name: str
     version: int
-    state: str  # READY | UNAVAILABLE (failed) | UNLOADED (older or not chosen) | INCOMPLETE (no model.json yet)
+    state: str  # READY | UNAVAILABLE (failed) | UNLOADED (not chosen by the version policy) | INCOMPLETE (no model.json yet)
     error: str = ""
     contract: ModelContract | None = None
 
@@ -145,7 +196,7 @@ class ModelRepository:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.on_change = on_change
-        self._models: dict[str, LoadedModel] = {}
+        self._models: dict[str, dict[int, LoadedModel]] = {}  # name -> {version: loaded model}, newest first
         self._failed: dict[tuple[str, int], tuple[tuple, str]] = {}  # (name, version) -> (signature, error)
         self._known: dict[str, list[tuple[int, Path]]] = {}
         self._held: set[str] = set()  # models unloaded on request: reloads leave them unloaded
@@ -165,34 +216,49 @@ class ModelRepository:
         return self._loaded_once and bool(self._models)
 
     def loaded(self) -> list[LoadedModel]:
-        return [self._models[name] for name in sorted(self._models)]
+        """Every loaded model version, by name, newest version first."""
+        return [self._models[name][version] for name in sorted(self._models) for version in sorted(self._models[name], reverse=True)]
 
     def get(self, name: str = "", version: int = 0) -> LoadedModel:
-        """The loaded model for a request; ModelNotFound / ModelNotReady name the problem."""
+        """The loaded model version for a request (version 0: the newest loaded); ModelNotFound /
+        ModelNotReady name the problem."""
         name = name or self.default_name
         if not name:
             raise ModelNotFound(f"no model is served: {self.root} holds no model version folders")
-        model = self._models.get(name)
-        if model is None:
+        versions = self._models.get(name)
+        if not versions:
             if name in self._held:
                 raise ModelNotReady(f"model {name!r} was unloaded on request (RepositoryModelUnload); RepositoryModelLoad serves it again")
             if name in self._known:
-                errors = [f"v{v}: {e}" for (n, v), (_, e) in sorted(self._failed.items()) if n == name]
+                errors = [f"v{v}: {e}" for (n, v), (_, e) in sorted(self._failed.items()) if n == name] or self._unselected(name)
                 raise ModelNotReady(f"model {name!r} has no loaded version" + (f" ({'; '.join(errors)})" if errors else ""))
             served = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFound(f"unknown model {quote(name)} (serving: {served})")
-        if version and version != model.contract.version:
-            raise ModelNotFound(f"model {name!r} version {version} is not served (serving version {model.contract.version})")
+        if not version:
+            return versions[max(versions)]
+        model = versions.get(version)
+        if model is None:
+            served = sorted(versions, reverse=True)
+            plural = "s" if len(served) > 1 else ""
+            raise ModelNotFound(f"model {name!r} version {version} is not served (serving version{plural} {', '.join(map(str, served))})")
         return model
+
+    def _unselected(self, name: str) -> list[str]:
+        """Why a model has no loaded version when the version policy selects none of its versions."""
+        policy = self.settings.version_policy
+        versions = [version for version, _ in self._known.get(name, [])]
+        if versions and not any(policy.wants(version) for version in versions):
+            return [f"version policy {policy} selects none of its versions {', '.join(map(str, versions))}"]
+        return []
 
     def statuses(self) -> list[VersionStatus]:
         """The state of every version folder, newest first per model."""
         result = []
         for name, versions in sorted(self._known.items()):
-            current = self._models.get(name)
+            current = self._models.get(name, {})
             for version, folder in versions:
-                if current is not None and current.contract.version == version:
-                    result.append(VersionStatus(name, version, "READY", contract=current.contract))
+                if version in current:
+                    result.append(VersionStatus(name, version, "READY", contract=current[version].contract))
                 elif (name, version) in self._failed:
                     result.append(VersionStatus(name, version, "UNAVAILABLE", self._failed[(name, version)][1]))
                 elif not (folder / CONTRACT_FILE).exists():
@@ -214,8 +280,8 @@ class ModelRepository:
         return report
 
     async def load_model(self, name: str) -> ReloadReport:
-        """Load `name`'s newest version that loads (or keep the one serving if its files are
-        unchanged), and serve it again if it was unloaded on request. ModelNotFound for a name the
+        """Load the versions of `name` the version policy selects (keeping those serving whose
+        files are unchanged), and serve it again if it was unloaded on request. ModelNotFound for a name the
         repository does not hold; ModelNotReady, with the reasons, when no version loads."""
         async with self._lock:
             report = ReloadReport()
@@ -226,7 +292,7 @@ class ModelRepository:
             await self._reload_model(name, self._known[name], report)
         await self._changed(report, f"model {name} load requested")
         if name not in self._models:
-            errors = [f"v{v}: {e}" for n, v, e in report.failed if n == name] or ["no version has a model.json yet"]
+            errors = [f"v{v}: {e}" for n, v, e in report.failed if n == name] or self._unselected(name) or ["no version has a model.json yet"]
             raise ModelNotReady(f"model {name!r} did not load ({'; '.join(errors)})")
         return report
 
@@ -251,21 +317,28 @@ class ModelRepository:
             log.info(message, extra={"loaded": report.loaded, "unloaded": report.unloaded, "failed": report.failed})
 
     async def _reload_model(self, name: str, versions: list[tuple[int, Path]], report: ReloadReport) -> None:
-        current = self._models.get(name)
-        chosen: LoadedModel | None = None
+        """Serve the versions of `name` the policy selects from `versions` (newest first): each is
+        kept if it serves with unchanged files, else loaded and warmed; only then do requests move to
+        the new set, and versions leaving it are unloaded once their in-flight requests finish."""
+        policy = self.settings.version_policy
+        current = self._models.get(name, {})
+        chosen: dict[int, LoadedModel] = {}
         for version, folder in versions:
-            if not (folder / CONTRACT_FILE).exists():
-                continue  # an export still writing this version
-            sig = await asyncio.to_thread(signature, folder)
-            if current is not None and current.key == (name, version) and current.signature == sig:
-                chosen = current
+            if policy.enough(len(chosen)):
                 break
+            if not policy.wants(version) or not (folder / CONTRACT_FILE).exists():
+                continue  # not selected, or an export still writing this version
+            sig = await asyncio.to_thread(signature, folder)
+            serving = current.get(version)
+            if serving is not None and serving.signature == sig:
+                chosen[version] = serving
+                continue
             failed = self._failed.get((name, version))
             if failed is not None and failed[0] == sig:
                 continue  # already known broken, unchanged since
             try:
-                chosen = await self._load(folder, sig)
-            except Exception as error:  # noqa: BLE001 - any failure leaves the old version serving
+                model = await self._load(folder, sig)
+            except Exception as error:  # noqa: BLE001 - any failure leaves the other versions serving
                 message = str(error).splitlines()[0] if str(error) else type(error).__name__
                 self._failed[(name, version)] = (sig, message)
                 self.metrics.load_failure.labels(name, str(version)).inc()
@@ -274,21 +347,25 @@ class ModelRepository:
                 continue
             self._failed.pop((name, version), None)
             report.loaded.append((name, version))
-            log.info("model %s v%s loaded", name, version, extra={"model": name, "version": version, "backend": chosen.backend.name})
-            break
-        if chosen is current:
+            log.info("model %s v%s loaded", name, version, extra={"model": name, "version": version, "backend": model.backend.name})
+            chosen[version] = model
+        if chosen == current:  # the same LoadedModel objects (identity)
             return
-        if chosen is None:
-            self._models.pop(name, None)
-        else:
+        if chosen:
             self._models[name] = chosen
-            self.metrics.model_ready.labels(name, str(chosen.contract.version)).set(1)
-        if current is not None:
-            report.unloaded.append(current.key)
-            if chosen is None or chosen.contract.version != current.contract.version:
-                self.metrics.model_ready.labels(name, str(current.contract.version)).set(0)
-            await current.unload()
-            log.info("model %s v%s unloaded", *current.key, extra={"model": name, "version": current.contract.version})
+        else:
+            self._models.pop(name, None)
+        for version, model in chosen.items():
+            if current.get(version) is not model:
+                self.metrics.model_ready.labels(name, str(version)).set(1)
+        retired = [model for version, model in current.items() if chosen.get(version) is not model]
+        for model in retired:
+            report.unloaded.append(model.key)
+            if model.contract.version not in chosen:
+                self.metrics.model_ready.labels(name, str(model.contract.version)).set(0)
+        await asyncio.gather(*(model.unload() for model in retired))
+        for model in retired:
+            log.info("model %s v%s unloaded", *model.key, extra={"model": name, "version": model.contract.version})
 
     async def _load(self, folder: Path, sig: tuple) -> LoadedModel:
         contract, backend, bulk_backend = await asyncio.to_thread(self._load_sync, folder)
@@ -343,7 +420,7 @@ class ModelRepository:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         async with self._lock:
-            models, self._models = list(self._models.values()), {}
+            models, self._models = [model for versions in self._models.values() for model in versions.values()], {}
             await asyncio.gather(*(model.unload() for model in models))
 
 

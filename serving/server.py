@@ -26,7 +26,7 @@ from serving.auth import BearerTokenInterceptor, read_tokens
 from serving.dataplane import LOW_PRIORITY_PIXELS, DataPlane, Limits
 from serving.errors import ErrorInterceptor, wrap_handler
 from serving.metrics import Metrics
-from serving.repository import ModelRepository, RepositorySettings
+from serving.repository import ModelRepository, RepositorySettings, VersionPolicy
 from serving.workers import low_priority_pool
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class ServerConfig:
     metrics_host: str = ""  # "": loopback when TLS or a token is on, else `host`
     metrics_auth: bool = False  # /metrics needs a bearer token of auth_token_file
     default_model: str = ""
+    version_policy: str = "latest"  # versions of each model served: latest, latest:N, all, or numbers like 6,7 (serving.repository.VersionPolicy)
     max_batch_size: int | None = None  # None: each model's model.json
     max_queue_delay_ms: float | None = None
     max_queue_size: int | None = None
@@ -287,6 +288,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     credentials = server_credentials(config)
     if config.metrics_auth and not config.auth_token_file:
         raise UserError("--metrics-auth needs --auth-token-file (the tokens /metrics accepts)")
+    version_policy = VersionPolicy.parse(config.version_policy)
     calls = CallTracker()
     interceptors = [calls, ErrorInterceptor()]
     if config.auth_token_file:
@@ -303,6 +305,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         max_inflight_batches=config.instances,
         default_model=config.default_model,
         bulk_lane=config.bulk_lane,
+        version_policy=version_policy,
     )
     repository = ModelRepository(config.model_repository, settings, metrics)
     workers = config.decode_workers or os.cpu_count() or 1

@@ -8,9 +8,10 @@ import pytest
 
 from cyborg.cli import main as cli
 from core import contract as c
+from core.errors import UserError
 from serving.errors import ModelNotFound, ModelNotReady
 from serving.metrics import Metrics
-from serving.repository import ModelRepository, RepositorySettings
+from serving.repository import ModelRepository, RepositorySettings, VersionPolicy
 from tests.serving_fixtures import build_model_repository, random_images, reference_outputs, write_model_version
 
 SETTINGS = RepositorySettings(intra_op_threads=1)
@@ -122,7 +123,7 @@ def test_lookup_errors_and_default_model(tmp_path):
             assert repository.get("beta", 3).contract.version == 3
             with pytest.raises(ModelNotFound, match="unknown model 'nope'"):
                 repository.get("nope")
-            with pytest.raises(ModelNotFound, match="version 9 is not served"):
+            with pytest.raises(ModelNotFound, match=r"^model 'beta' version 9 is not served \(serving version 3\)$"):
                 repository.get("beta", 9)
             with pytest.raises(ModelNotReady, match="gamma.*ONNX Runtime"):
                 repository.get("gamma")
@@ -139,6 +140,161 @@ def test_lookup_errors_and_default_model(tmp_path):
     assert sorted(report.loaded) == [("alpha", 1), ("beta", 3)]
     assert states[("beta", 4)] == "INCOMPLETE" and states[("gamma", 1)] == "UNAVAILABLE"
     assert default == "beta"
+
+
+def ready(metrics: Metrics, name: str, version: int) -> float | None:
+    return metrics.registry.get_sample_value("cyborg_model_ready", {"model": name, "version": str(version)})
+
+
+def policy_settings(policy: str) -> RepositorySettings:
+    return RepositorySettings(intra_op_threads=1, version_policy=VersionPolicy.parse(policy))
+
+
+@pytest.mark.parametrize(
+    "text, kind, count, versions, shown",
+    [
+        ("latest", "latest", 1, (), "latest:1"),
+        ("latest:1", "latest", 1, (), "latest:1"),
+        (" Latest:3 ", "latest", 3, (), "latest:3"),
+        ("all", "all", 1, (), "all"),
+        ("6,7", "specific", 1, (7, 6), "7,6"),
+        ("7, 6,6", "specific", 1, (7, 6), "7,6"),
+        ("4", "specific", 1, (4,), "4"),
+    ],
+)
+def test_version_policy_parses_each_form(text, kind, count, versions, shown):
+    policy = VersionPolicy.parse(text)
+    assert (policy.kind, policy.count, policy.versions, str(policy)) == (kind, count, versions, shown)
+    assert VersionPolicy.parse(str(policy)) == policy
+    assert VersionPolicy() == VersionPolicy.parse("latest") == RepositorySettings().version_policy  # today's behaviour
+
+
+@pytest.mark.parametrize("text", ["", "newest", "latest:", "latest:0", "latest:-1", "latest:two", "latest:2,3", "all:2", "0", "6,,7", "6;7", "-6", "1.5", "6,all"])
+def test_version_policy_refuses_bad_values_naming_the_flag_and_forms(text):
+    with pytest.raises(UserError) as raised:
+        VersionPolicy.parse(text)
+    message = str(raised.value)
+    assert message.startswith(f"--version-policy {text!r}: expected latest")
+    assert all(form in message for form in ("latest:N", "all", "6,7"))
+
+
+def test_latest_two_serves_the_two_newest_versions(tmp_path):
+    build_model_repository(tmp_path, versions=(1, 2, 3))
+    metrics = Metrics()
+    images = random_images(2)
+
+    async def main():
+        repository = ModelRepository(tmp_path, policy_settings("latest:2"), metrics)
+        report = await repository.reload()
+        try:
+            newest, older = repository.get(), repository.get("tiny", 2)
+            with pytest.raises(ModelNotFound, match=r"^model 'tiny' version 1 is not served \(serving versions 3, 2\)$"):
+                repository.get("tiny", 1)
+            outputs = {v: (await repository.get("tiny", v).batcher.submit(images)).outputs for v in (3, 2)}
+            listed = [m.key for m in repository.loaded()]
+            states = [(s.version, s.state) for s in repository.statuses()]
+        finally:
+            await repository.close()
+        return report, newest, older, outputs, listed, states
+
+    report, newest, older, outputs, listed, states = asyncio.run(main())
+    assert report.loaded == [("tiny", 3), ("tiny", 2)] and not report.failed
+    assert (newest.contract.version, older.contract.version) == (3, 2)
+    for version in (3, 2):  # each version answers with its own network
+        np.testing.assert_allclose(outputs[version]["score"], reference_outputs(tmp_path / "tiny" / str(version), images)["score"], atol=1e-6)
+    assert not np.allclose(outputs[3]["score"], outputs[2]["score"])
+    assert listed == [("tiny", 3), ("tiny", 2)]
+    assert states == [(3, "READY"), (2, "READY"), (1, "UNLOADED")]
+    assert (ready(metrics, "tiny", 3), ready(metrics, "tiny", 2), ready(metrics, "tiny", 1)) == (1, 1, None)
+
+
+def test_specific_versions_serve_only_those_listed(tmp_path):
+    build_model_repository(tmp_path, versions=(5, 6, 7, 8))
+    build_model_repository(tmp_path, name="other", versions=(1, 2))
+
+    async def main():
+        repository = ModelRepository(tmp_path, policy_settings("6,7,9"))
+        report = await repository.reload()
+        try:
+            served = {v: repository.get("tiny", v).contract.version for v in (0, 6, 7)}
+            for version in (5, 8, 9):
+                with pytest.raises(ModelNotFound, match=f"version {version} is not served \\(serving versions 7, 6\\)"):
+                    repository.get("tiny", version)
+            with pytest.raises(ModelNotReady, match=r"model 'other' has no loaded version \(version policy 9,7,6 selects none of its versions 2, 1\)"):
+                repository.get("other")
+            states = {(s.name, s.version): s.state for s in repository.statuses()}
+        finally:
+            await repository.close()
+        return report, served, states
+
+    report, served, states = asyncio.run(main())
+    assert sorted(report.loaded) == [("tiny", 6), ("tiny", 7)]
+    assert served == {0: 7, 6: 6, 7: 7}
+    assert [states[("tiny", v)] for v in (8, 7, 6, 5)] == ["UNLOADED", "READY", "READY", "UNLOADED"]
+    assert states[("other", 2)] == states[("other", 1)] == "UNLOADED"
+
+
+def test_all_versions_serve_and_a_broken_one_is_skipped(tmp_path):
+    build_model_repository(tmp_path, versions=(1, 2, 3))
+    corrupt_onnx(tmp_path / "tiny" / "2")
+    metrics = Metrics()
+
+    async def main():
+        repository = ModelRepository(tmp_path, policy_settings("all"), metrics)
+        report = await repository.reload()
+        again = await repository.reload()  # unchanged: nothing loaded, failed or unloaded
+        try:
+            served = {v: repository.get("tiny", v).contract.version for v in (0, 1, 3)}
+            with pytest.raises(ModelNotFound, match=r"version 2 is not served \(serving versions 3, 1\)"):
+                repository.get("tiny", 2)
+            states = {s.version: (s.state, s.error) for s in repository.statuses()}
+        finally:
+            await repository.close()
+        return report, again, served, states
+
+    report, again, served, states = asyncio.run(main())
+    assert report.loaded == [("tiny", 3), ("tiny", 1)] and [(n, v) for n, v, _ in report.failed] == [("tiny", 2)]
+    assert not (again.loaded or again.failed or again.unloaded)
+    assert served == {0: 3, 1: 1, 3: 3}
+    assert states[2][0] == "UNAVAILABLE" and "ONNX Runtime cannot load" in states[2][1]
+    assert states[3][0] == states[1][0] == "READY"
+    assert failures(metrics, "tiny", 2) == 1 and ready(metrics, "tiny", 2) is None
+
+
+def test_latest_two_reload_unloads_the_oldest_after_its_requests_finish(tmp_path):
+    build_model_repository(tmp_path, versions=(1, 2))
+    metrics = Metrics()
+
+    async def main():
+        repository = ModelRepository(tmp_path, policy_settings("latest:2"), metrics)
+        await repository.reload()
+        first, second = repository.get("tiny", 1), repository.get("tiny", 2)
+        holder = first.use()
+        holder.__enter__()  # a request still using v1
+        write_model_version(tmp_path, "tiny", 3)
+        reload = asyncio.ensure_future(repository.reload())
+        await asyncio.sleep(0.3)
+        assert repository.get().contract.version == 3  # v3 already serves new requests
+        assert repository.get("tiny", 2) is second  # v2 is kept, not reloaded
+        with pytest.raises(ModelNotFound, match=r"serving versions 3, 2\)"):
+            repository.get("tiny", 1)  # new requests no longer reach v1
+        assert not reload.done()  # but v1 is not unloaded while in use
+        result = await first.batcher.submit(random_images(1))  # and v1 still answers its holder
+        holder.__exit__(None, None, None)
+        report = await reload
+        write_model_version(tmp_path, "tiny", 4)
+        corrupt_onnx(tmp_path / "tiny" / "4")
+        broken = await repository.reload()  # a broken newest version: 3 and 2 keep serving
+        served = [m.key for m in repository.loaded()]
+        await repository.close()
+        return report, result, broken, served
+
+    report, result, broken, served = asyncio.run(main())
+    assert report.loaded == [("tiny", 3)] and report.unloaded == [("tiny", 1)]
+    assert result.outputs["score"].shape == (1,)
+    assert [(n, v) for n, v, _ in broken.failed] == [("tiny", 4)] and not broken.loaded and not broken.unloaded
+    assert served == [("tiny", 3), ("tiny", 2)]
+    assert (ready(metrics, "tiny", 1), ready(metrics, "tiny", 2), ready(metrics, "tiny", 3)) == (0, 1, 1)
 
 
 def test_batching_flags_override_model_json(tmp_path):

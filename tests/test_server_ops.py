@@ -286,7 +286,59 @@ def test_cyborg_serve_refuses_bad_settings_in_one_line(tmp_path, capsys):
         (["--model-repository", str(tmp_path / "repo"), "--max-batch-size", "0"], "--max-batch-size 0"),
         (["--model-repository", str(tmp_path / "repo"), "--tls-cert", str(tmp_path / "cert.pem")], "both --tls-cert and --tls-key"),
         (["--model-repository", str(tmp_path / "repo"), "--auth-token-file", str(tmp_path / "none")], "auth token file"),
+        (["--model-repository", str(tmp_path / "repo"), "--version-policy", "latest:0"], "--version-policy 'latest:0': expected latest"),
+        (["--model-repository", str(tmp_path / "repo"), "--version-policy", "newest"], "latest:N (the N newest that load, N >= 1), all"),
     ]
     for arguments, message in cases:
         assert cli(["serve", "--port", "0", "--metrics-port", "-1", *arguments]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_cyborg_serve_version_policy_flag_reaches_the_config():
+    from cyborg.cli import build_parser
+    from serving.commands.serve import config_from_args
+
+    for extra, expected in (([], "latest"), (["--version-policy", "latest:2"], "latest:2"), (["--version-policy", "6,7"], "6,7")):
+        argv = ["serve", *extra]
+        assert config_from_args(build_parser(argv).parse_args(argv)).version_policy == expected
+
+
+def test_version_policy_serves_each_loaded_version_on_every_surface(tmp_path):
+    from tests.test_server import scrape
+
+    tc = pytest.importorskip("tritonclient.grpc")
+    build_model_repository(tmp_path, versions=(1, 2, 3))
+    images = random_images(1, seed=3)
+    scores = {v: float(reference_outputs(tmp_path / "tiny" / str(v), images)["score"][0]) for v in (2, 3)}
+    with RunningServer(tmp_path, version_policy="latest:2") as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.DetectorStub(channel)
+        for asked, served in ((0, 3), (3, 3), (2, 2)):  # version 0: the newest loaded
+            answer = stub.Detect(tensor_request(images[0], version=asked))
+            assert answer.version == served and answer.score == pytest.approx(scores[served], abs=1e-5)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Detect(tensor_request(images[0], version=1))
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND and "version 1 is not served (serving versions 3, 2)" in raised.value.details()
+
+        listed = stub.ListModels(pb.ListModelsRequest())
+        assert [(m.name, m.version) for m in listed.models] == [("tiny", 3), ("tiny", 2)] and listed.default_model == "tiny"
+        assert [stub.GetModel(pb.GetModelRequest(model="tiny", version=v)).version for v in (0, 2)] == [3, 2]
+        assert health_of(channel, "tiny") == SERVING and health_of(channel) == SERVING
+
+        samples = scrape(server)
+        labels = lambda v, *extra: tuple(sorted((("model", "tiny"), ("version", str(v)), *extra)))  # noqa: E731
+        assert [samples.get(("cyborg_model_ready", labels(v))) for v in (3, 2, 1)] == [1, 1, None]
+        assert [samples.get(("cyborg_inference_request_success_total", labels(v))) for v in (3, 2)] == [2, 1]
+
+        triton = tc.InferenceServerClient(server.address)
+        try:
+            assert [list(triton.get_model_metadata("tiny", v).versions) for v in ("", "2")] == [["2", "3"], ["2", "3"]]
+            assert [triton.is_model_ready("tiny", v) for v in ("", "3", "2", "1")] == [True, True, True, False]
+            index = {(m.name, m.version): m.state for m in triton.get_model_repository_index().models}
+            assert index == {("tiny", "3"): "READY", ("tiny", "2"): "READY", ("tiny", "1"): "UNLOADED"}
+            request = tc.InferInput(c.INPUT_NAME, list(images.shape), "UINT8")
+            request.set_data_from_numpy(images)
+            result = triton.infer("tiny", [request], model_version="2")
+            assert result.get_response().model_version == "2"
+            assert float(result.as_numpy(c.SCORE_OUTPUT)[0]) == pytest.approx(scores[2], abs=1e-5)
+        finally:
+            triton.close()
