@@ -14,13 +14,15 @@ sigmoid(a * logit(score) + b), fitted on the validation predictions by minimisin
 temperature scaling (b = 0) or Platt scaling (a and b); "auto" keeps whichever of none, temperature
 and Platt has the lowest cross-validated log-loss. Both keep the scores' order, so AUC and every
 ROC point are unchanged. Operating points (`fit_operating_points`) are the rules' thresholds carried
-onto the calibrated probability under names ("eer", "fpr1", "fpr5"); `resolve_operating_point`
+onto the calibrated probability under names ("eer", "fpr1", "fpr5"), fitted on the validation
+predictions or on several sets of them pooled (`fit_pooled_operating_points`: clean and changed
+copies of the same images, `cyborg export --points-under`); `resolve_operating_point`
 turns a caller's choice (a name, "fpr:0.01", or a number in [0, 1]) into the threshold to apply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dataclasses
@@ -379,6 +381,29 @@ def fit_operating_points(labels, scores, calibration: Calibration, default: str 
                              "tpr": float(fake[labels == FAKE_INDEX].mean()), "validation_images": int(len(labels))}  # fmt: skip
     points[DEFAULT_POINT_KEY] = default_name
     return points, float(info[default_name]["score_threshold"]), info
+
+
+def fit_pooled_operating_points(groups: Mapping[str, tuple[Any, Any]], calibration: Calibration, default: str = DEFAULT_OPERATING_POINT,
+                                reference: str = "clean") -> tuple[dict[str, Any], float, dict[str, Any]]:  # fmt: skip
+    """`fit_operating_points` on the labels and raw scores of every group pooled, e.g. the validation
+    images clean and under each everyday change: "fpr1" then calls at most 1 % of all those reals fake.
+
+    `groups` maps a name to (labels, scores), `reference` (in `groups`) is the one the calibration was
+    fitted on. Each point's description gains "fitted_under" (the group names, in order) and its FPR and
+    TPR on the reference group alone ("clean_fpr", "clean_tpr"); "validation_images" is the pooled count.
+    """
+    if reference not in groups:
+        raise ValueError(f"the groups {', '.join(groups)} lack the reference group {reference!r}")
+    labels = np.concatenate([np.asarray(group[0]).astype(np.int64).ravel() for group in groups.values()])
+    scores = np.concatenate([np.asarray(group[1], dtype=np.float64).ravel() for group in groups.values()])
+    points, threshold, info = fit_operating_points(labels, scores, calibration, default)
+    clean_labels = np.asarray(groups[reference][0]).astype(np.int64).ravel()
+    clean_scores = np.asarray(groups[reference][1], dtype=np.float64).ravel()
+    for described in info.values():
+        fake = called_fake(clean_scores, described["score_threshold"])
+        described.update(fitted_under=list(groups), clean_fpr=float(fake[clean_labels != FAKE_INDEX].mean()),
+                         clean_tpr=float(fake[clean_labels == FAKE_INDEX].mean()))  # fmt: skip
+    return points, threshold, info
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ from core.thresholds import (
     expected_calibration_error,
     fit_calibration,
     fit_operating_points,
+    fit_pooled_operating_points,
     log_loss,
     point_name,
     point_rule,
@@ -134,6 +135,30 @@ def test_other_default_rules():
     with pytest.raises(UserError, match="--threshold"):
         fit_operating_points(labels, scores, calibration, "often")
     assert (point_name("fpr:0.01"), point_name("FPR5"), point_rule("fpr1"), point_rule("fpr0.5")) == ("fpr1", "fpr5", "fpr:0.01", "fpr:0.005")
+
+
+def test_pooled_operating_points_count_the_changed_reals():
+    # Clean reals all score below the fakes; under "jpeg" the reals score higher, two above some fakes.
+    clean = (np.array([0, 0, 0, 0, 1, 1, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]))
+    jpeg = (np.array([0, 0, 0, 0, 1, 1, 1, 1]), np.array([0.3, 0.5, 0.65, 0.75, 0.55, 0.6, 0.9, 0.95]))
+    points, threshold, info = fit_operating_points(*clean, IDENTITY, "fpr:0.2")
+    assert (points["fpr20"], info["fpr20"]["fpr"], info["fpr20"]["tpr"]) == (0.5, 0.0, 1.0)  # clean only: no real may be called fake
+    points, threshold, info = fit_pooled_operating_points({"clean": clean, "jpeg": jpeg}, IDENTITY, "fpr:0.2")
+    # Pooled, 1 of 8 reals may be called fake: jpeg's 0.75; the next real (0.65) would make 2 of 8 (0.25).
+    assert points["default"] == "fpr20" and threshold == points["fpr20"] == 0.7
+    point = info["fpr20"]
+    assert (point["fpr"], point["tpr"], point["validation_images"]) == (0.125, 0.5, 16)
+    assert (point["clean_fpr"], point["clean_tpr"], point["fitted_under"]) == (0.0, 0.5, ["clean", "jpeg"])
+    assert all(set(described) >= {"fitted_under", "clean_fpr", "clean_tpr"} for described in info.values())
+    assert set(points) == {"eer", "fpr1", "fpr5", "fpr20", "default"}
+    # Thresholds are carried onto the calibrated probability as for one set; a fixed default is described on both.
+    platt = Calibration("platt", 2.0, -0.5)
+    points, threshold, info = fit_pooled_operating_points({"clean": clean, "jpeg": jpeg}, platt, "fpr:0.2")
+    assert threshold == 0.7 and points["fpr20"] == pytest.approx(platt.apply(0.7))
+    points, threshold, info = fit_pooled_operating_points({"clean": clean, "jpeg": jpeg}, IDENTITY, "0.62")
+    assert (info["fixed"]["fpr"], info["fixed"]["tpr"], info["fixed"]["clean_fpr"], info["fixed"]["clean_tpr"]) == (0.25, 0.5, 0.0, 0.5)
+    with pytest.raises(ValueError, match="clean"):
+        fit_pooled_operating_points({"jpeg": jpeg}, IDENTITY)
 
 
 def test_resolve_operating_point():

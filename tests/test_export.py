@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -331,6 +333,9 @@ def test_bad_checkpoints_are_refused(exported, tmp_path, capsys, damage, message
     (["--name", "a/b", "--version", "1"], "--name"),
     (["--name", "det", "--version", "1", "--bench"], "--int8"),
     (["--name", "det", "--version", "1", "--calibrate", "isotonic"], "--calibrate"),
+    (["--name", "det", "--version", "1", "--points-under", "jpeg30,jpeg10"],
+     "--points-under 'jpeg30,jpeg10': unknown perturbation(s) jpeg10; choose from clean, jpeg90, jpeg70"),
+    (["--name", "det", "--version", "1", "--points-under", "all", "--device", "tpu"], "--device 'tpu'"),
 ])
 def test_bad_flags_are_refused(exported, tmp_path, capsys, flags, message):
     assert export(exported[1], "--repository", tmp_path / "models", *flags) == 2
@@ -380,3 +385,99 @@ def test_scoring_calibrates_and_records_every_operating_point():
     assert (bare.threshold, bare.calibration, bare.operating_points) == (0.4, None, None)
     with pytest.raises(Exception, match="--calibrate platt"):
         choose_scoring("fpr1", "platt", {"val_metrics": {"eer_threshold": 0.4}})
+
+
+# ---------------------------------------------------------------------------------------------
+# --points-under: operating points fitted on the validation images clean and under everyday changes
+
+POINT_SECTIONS = ("threshold", "calibration", "operating_points")
+
+
+@pytest.fixture
+def reused_graph(exported, monkeypatch):
+    """export_onnx copies the fixture's graph (the same network): skips 10 s of export per test."""
+    import training.onnx_export
+
+    def reuse_export(module, path, *args):
+        shutil.copyfile(exported[0] / "det" / "1" / c.ONNX_FILE, path)
+        return "dynamo"
+
+    monkeypatch.setattr(training.onnx_export, "export_onnx", reuse_export)
+
+
+def test_points_under_clean_changes_nothing(exported, tmp_path, reused_graph):
+    repo, checkpoint = exported
+    assert export(checkpoint, "--repository", tmp_path, "--name", "det", "--version", 1, "--points-under", "clean") == 0
+    before, after = (json.loads((folder / "det" / "1" / c.CONTRACT_FILE).read_text()) for folder in (repo, tmp_path))
+    for key in POINT_SECTIONS:  # the same bytes as the export without the flag, in model.json and its metrics
+        assert json.dumps(after[key]) == json.dumps(before[key]) and json.dumps(after["metrics"][key]) == json.dumps(before["metrics"][key])
+    assert "fitted_under" not in json.dumps(after) and "clean_fpr" not in json.dumps(after)
+
+
+def test_points_under_changes_pools_the_changed_reals(exported, tmp_path, reused_graph, caplog):
+    from core.thresholds import fit_calibration, operating_point
+    from training.checkpoint import read_checkpoint
+    from training.data import FaceDataset
+    from training.evaluate import PerturbedDataset, predict
+    from training.perturb import PERTURBATIONS
+
+    # The validation images under jpeg30 and blur2, scored here through training.evaluate's predict.
+    original = read_checkpoint(exported[1])
+    model, _ = model_from_checkpoint(original)
+    dataset = FaceDataset(original.val_predictions.samples("test"), SIZE, tuple(original.cam_grid), scale=original.input_scale)
+    changed = [predict(model, PerturbedDataset(dataset, PERTURBATIONS[name])) for name in ("jpeg30", "blur2")]
+    labels = np.array(original.val_predictions.labels)
+    changed_reals = np.concatenate([found["scores"][found["labels"] == 0] for found in changed])
+    top_real = float(changed_reals.max())
+    # Stored clean scores: every real (0.05-0.3) below every fake; half the fakes at 0.6-0.8, half above
+    # the highest changed real. Fitted on clean, fpr1 calls all fakes; pooled, only those above every real.
+    fakes = np.r_[np.linspace(0.6, 0.8, N_VAL // 4), top_real + (1 - top_real) * np.linspace(0.2, 0.8, N_VAL // 4)]
+    clean = np.zeros(N_VAL)
+    clean[labels == 0], clean[labels == 1] = np.linspace(0.05, 0.3, N_VAL // 2), fakes
+    state = load_checkpoint(exported[1])
+    state.pop("format")
+    state["val_predictions"]["scores"] = clean.tolist()
+    checkpoint = tmp_path / "low.pt"
+    save_checkpoint(state, checkpoint)
+    caplog.set_level(logging.INFO, logger="training.export")
+    repo = tmp_path / "models"
+    assert export(checkpoint, "--repository", repo, "--name", "det", "--version", 1, "--points-under", "jpeg30,blur2", "--device", "cpu") == 0
+    contract = c.read_contract(repo / "det" / "1")
+
+    pooled_labels = np.concatenate([labels] + [found["labels"] for found in changed])
+    pooled_scores = np.concatenate([clean] + [found["scores"] for found in changed])
+    assert top_real > 0.8 and pooled_labels.size == 3 * N_VAL  # the situation the flag is for: changed reals above clean fakes
+    # 18 reals: 1 % allows none, so the threshold is the lowest fake score above every real.
+    expected = pooled_scores[(pooled_labels == 1) & (pooled_scores > top_real)].min()
+    assert expected < 1.0 and operating_point("fpr:0.01", pooled_labels, pooled_scores)[0] == pytest.approx(expected)
+    assert contract.threshold == pytest.approx(expected, abs=1e-6)
+    assert contract.threshold > operating_point("fpr:0.01", labels, clean)[0] == pytest.approx(0.6)
+
+    point = contract.metrics["operating_points"]["fpr1"]
+    assert point["fitted_under"] == ["clean", "jpeg30", "blur2"] and point["validation_images"] == 3 * N_VAL
+    called = pooled_scores >= contract.threshold
+    assert point["fpr"] == 0.0 and point["tpr"] == pytest.approx(called[pooled_labels == 1].mean())
+    assert (point["clean_fpr"], point["clean_tpr"]) == (0.0, 0.5)
+    assert contract.metrics["threshold"] == point and set(contract.metrics["operating_points"]) == {"eer", "fpr1", "fpr5"}
+    assert all(p["fitted_under"] == point["fitted_under"] for p in contract.metrics["operating_points"].values())
+    # The calibration is still fitted on the clean predictions alone.
+    assert contract.calibration == fit_calibration(labels, clean).to_dict()
+    assert contract.metrics["calibration"]["validation_images"] == N_VAL
+    logged = [record.getMessage() for record in caplog.records if "fitted under clean, jpeg30, blur2 (36 validation images)" in record.getMessage()]
+    assert len(logged) == 1 and f"FPR 0.000, TPR {point['tpr']:.3f}; clean FPR 0.000, TPR 0.500" in logged[0]
+
+
+def test_points_under_needs_validation_images_of_both_classes(tmp_path):
+    from core.errors import UserError
+    from training.checkpoint import as_checkpoint
+    from training.export import validation_under_changes
+    from training.perturb import parse_perturbations
+
+    changes = parse_perturbations("jpeg30,blur2")
+    one_class = as_checkpoint({"val_predictions": {"paths": ["a.png", "b.png"], "labels": [1, 1], "scores": [0.2, 0.9]}})
+    with pytest.raises(UserError, match="--points-under clean,jpeg30,blur2: the checkpoint has no validation predictions with both classes"):
+        validation_under_changes(one_class, None, changes)
+    gone = [str(tmp_path / "gone-real.png"), str(tmp_path / "gone-fake.png")]
+    missing = as_checkpoint({"val_predictions": {"paths": gone, "labels": [0, 1], "scores": [0.2, 0.9]}})
+    with pytest.raises(UserError, match=r"--points-under clean,jpeg30,blur2 scores .* 2 of 2 of them are missing here \(first: .*gone-real"):
+        validation_under_changes(missing, None, changes)

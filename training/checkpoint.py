@@ -57,6 +57,18 @@ class ValPredictions:
             found = spread(found, limit)
         return [p for p, _ in found], [label for _, label in found]
 
+    def samples(self, purpose: str) -> list:
+        """The validation images as `training.data.Sample`s (split "val") in the recorded order; UserError
+        "`purpose`, but ..." when none are recorded with labels or some are missing here."""
+        from training.data import Sample
+
+        missing = [path for path in self.paths if not Path(path).is_file()]
+        if missing or not self.paths or len(self.labels) != len(self.paths):
+            found = f"{len(missing)} of {len(self.paths)} of them are missing here (first: {missing[0]})" if missing else "none are recorded with labels"
+            raise UserError(f"{purpose}, but {found}")
+        sources = self.sources or [""] * len(self.paths)
+        return [Sample(Path(p), int(label), "val", source) for p, label, source in zip(self.paths, self.labels, sources)]
+
 
 @dataclasses.dataclass
 class Checkpoint:

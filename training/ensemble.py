@@ -53,21 +53,6 @@ def check_compatible(paths: Sequence[Path], members: Sequence[Checkpoint]) -> No
             )
 
 
-def validation_samples(checkpoint: Checkpoint):
-    """The checkpoint's validation images as `training.data.Sample`s; UserError when some are missing here."""
-    from training.data import Sample
-
-    record = checkpoint.val_predictions
-    missing = [path for path in record.paths if not Path(path).is_file()]
-    if missing or not record.paths:
-        raise UserError(
-            f"the ensemble is validated on its members' validation images; {len(missing)} of {len(record.paths)} "
-            f"are missing here (first: {missing[0] if missing else 'none recorded'})"
-        )
-    sources = record.sources or [""] * len(record.paths)
-    return [Sample(Path(p), int(label), "val", source) for p, label, source in zip(record.paths, record.labels, sources)]
-
-
 def build_ensemble(paths: Sequence[str | Path], batch_size: int = 32, device: str = "cpu") -> Checkpoint:
     """One checkpoint whose model averages the checkpoints at `paths`, validated on their validation images."""
     from training.data import FaceDataset
@@ -84,7 +69,7 @@ def build_ensemble(paths: Sequence[str | Path], batch_size: int = 32, device: st
     grid = next(iter(grids))
     if len(grids) > 1:
         raise UserError(f"the members' CAM grids differ at {size} px ({', '.join(map(str, sorted(grids)))}); average members with one grid")
-    samples = validation_samples(members[0])
+    samples = members[0].val_predictions.samples("the ensemble is validated on its members' validation images")
     dataset = FaceDataset(samples, size, grid, scale=members[0].input_scale)
     predictions = predict(model.to(device), dataset, batch_size=batch_size, device=device)
     kept = [dataset.samples[int(i)] for i in predictions["indices"]]

@@ -11,7 +11,7 @@ import csv as csv_io
 import datetime
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -378,6 +378,27 @@ def robustness_metrics(labels: np.ndarray, scores: np.ndarray, sources: Sequence
     return {**{key: overall[key] for key in ("auc", "eer", "accuracy", "tpr", "fpr")}, "per_source": per_source}
 
 
+def perturbed_scores(
+    model: CamClassifier,
+    dataset: FaceDataset,
+    perturbations: Sequence[Perturbation],
+    clean: dict[str, np.ndarray],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+) -> Iterator[tuple[Perturbation, np.ndarray, np.ndarray]]:
+    """(perturbation, labels, scores) of `dataset` under each perturbation, in the order given: "clean"
+    is `clean` ("labels" and "scores" already made, not scored again), every other one is `predict` over
+    a `PerturbedDataset` (labels and scores in the dataset's order)."""
+    for perturbation in perturbations:
+        if perturbation.name == "clean":
+            yield perturbation, clean["labels"], clean["scores"]
+            continue
+        log.info("scoring under %s", perturbation.name)
+        found = predict(model, PerturbedDataset(dataset, perturbation), batch_size=batch_size, device=device, workers=workers)
+        yield perturbation, found["labels"], found["scores"]
+
+
 def evaluate_perturbations(
     model: CamClassifier,
     dataset: FaceDataset,
@@ -392,13 +413,7 @@ def evaluate_perturbations(
     predictions already made), with `auc_vs_clean` (its AUC minus the clean AUC); in the order given."""
     sources = [dataset.samples[i].source for i in clean["indices"]]
     table: dict[str, dict[str, Any]] = {}
-    for perturbation in perturbations:
-        if perturbation.name == "clean":
-            labels, scores = clean["labels"], clean["scores"]
-        else:
-            log.info("evaluating under %s", perturbation.name)
-            found = predict(model, PerturbedDataset(dataset, perturbation), batch_size=batch_size, device=device, workers=workers)
-            labels, scores = found["labels"], found["scores"]
+    for perturbation, labels, scores in perturbed_scores(model, dataset, perturbations, clean, batch_size, device, workers):
         table[perturbation.name] = {"description": perturbation.description, **robustness_metrics(labels, scores, sources, threshold)}
     reference = table.get("clean", {}).get("auc")
     for row in table.values():

@@ -32,18 +32,21 @@ from core.thresholds import (
     expected_calibration_error,
     fit_calibration,
     fit_operating_points,
+    fit_pooled_operating_points,
     fixed_threshold,
     log_loss,
     operating_point,
     point_rule,
 )
 from training.checkpoint import Checkpoint, as_checkpoint, read_checkpoint
+from training.perturb import Perturbation, parse_perturbations
 from training.publish import make_readable, publish, replace_file
 
 log = logging.getLogger(__name__)
 
 PARITY_RANDOM_IMAGES = 4  # random images in the parity check, besides up to 8 validation images
 PARITY_VALIDATION_IMAGES = 8
+POINTS_BATCH_SIZE = 32  # images per forward when --points-under scores the validation images again
 
 
 @dataclasses.dataclass
@@ -60,6 +63,13 @@ class ExportRequest:
     threshold: str = DEFAULT_OPERATING_POINT  # the default operating point's rule
     calibrate: str = "auto"  # score calibration: auto | none | temperature | platt (not int8's calibration_data)
     bench: bool = False
+    points_under: str = "clean"  # the everyday changes (training.perturb names, "all") the operating points are fitted under
+    device: str = "auto"  # where --points-under scores the validation images: auto | cpu | cuda
+
+    @property
+    def changes(self) -> list[Perturbation]:
+        """The changes of --points-under, "clean" first (UserError naming the flag and the valid names)."""
+        return parse_perturbations(self.points_under, "--points-under")
 
     def validate(self) -> None:
         if not self.name or self.name.startswith(".") or any(ch in self.name for ch in "/\\") or self.name in ("..",):
@@ -75,6 +85,10 @@ class ExportRequest:
             raise UserError(f"--calibration-images {self.calibration_images}: must be at least 1")
         if self.bench and not self.int8:
             raise UserError("--bench compares fp32 and int8: add --int8")
+        if len(self.changes) > 1:
+            from training.distributed import resolve_device
+
+            resolve_device(self.device)  # --device cuda without CUDA is refused before any work
         if self.tensorrt:
             from training.tensorrt import require_tensorrt
 
@@ -118,17 +132,25 @@ class Scoring:
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # metrics["calibration"], metrics["operating_points"]
 
 
-def choose_scoring(rule: str, method: str, state: Checkpoint | dict[str, Any]) -> Scoring:
+def choose_scoring(rule: str, method: str, state: Checkpoint | dict[str, Any],
+                   under: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Scoring:  # fmt: skip
     """The calibration (`method`: auto | none | temperature | platt) and the operating points fitted on
     the checkpoint's validation predictions, `rule` naming the default point; a checkpoint without
-    predictions of both classes gets the threshold alone, as model.json had before calibration."""
+    predictions of both classes gets the threshold alone, as model.json had before calibration.
+
+    With `under` ({change: (labels, raw scores)} of the validation images, "clean" among them:
+    `validation_under_changes`), the calibration is still fitted on the clean predictions, and the
+    operating points on all of `under` pooled (`fit_pooled_operating_points`)."""
     labels, scores = as_checkpoint(state).val_predictions.labelled_scores()
     if labels is None or len(set(labels.tolist())) < 2:
         if method not in ("auto", "none"):
             raise UserError(f"--calibrate {method}: the checkpoint has no validation predictions with both classes")
         return Scoring(*choose_threshold(rule, state))
     calibration = fit_calibration(labels, scores, method)
-    points, threshold, described = fit_operating_points(labels, scores, calibration, rule)
+    if under is not None and len(under) > 1:
+        points, threshold, described = fit_pooled_operating_points(under, calibration, rule)
+    else:
+        points, threshold, described = fit_operating_points(labels, scores, calibration, rule)
     probabilities = calibration.apply(scores)
     report = {
         "method": calibration.method,
@@ -141,10 +163,44 @@ def choose_scoring(rule: str, method: str, state: Checkpoint | dict[str, Any]) -
         "compared": compare_calibrations(labels, scores),
     }
     info = described[points["default"]]
-    log.info("calibration %s: validation ECE %.4f -> %.4f; default operating point %s (validation FPR %.3f, TPR %.3f)",
-             calibration.method, report["ece_before"], report["ece_after"], points["default"], info["fpr"], info["tpr"])  # fmt: skip
+    if "fitted_under" in info:
+        log.info("calibration %s: validation ECE %.4f -> %.4f; default operating point %s fitted under %s (%d validation "
+                 "images): FPR %.3f, TPR %.3f; clean FPR %.3f, TPR %.3f", calibration.method, report["ece_before"],
+                 report["ece_after"], points["default"], ", ".join(info["fitted_under"]), info["validation_images"],
+                 info["fpr"], info["tpr"], info["clean_fpr"], info["clean_tpr"])  # fmt: skip
+    else:
+        log.info("calibration %s: validation ECE %.4f -> %.4f; default operating point %s (validation FPR %.3f, TPR %.3f)",
+                 calibration.method, report["ece_before"], report["ece_after"], points["default"], info["fpr"], info["tpr"])  # fmt: skip
     metrics = {"calibration": report, "operating_points": described}
     return Scoring(threshold, info, calibration.to_dict(), points, metrics)
+
+
+def validation_under_changes(state: Checkpoint, model, changes: list[Perturbation], device: str = "cpu",
+                             batch_size: int = POINTS_BATCH_SIZE) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """{change name: (labels, raw scores)} of the checkpoint's validation images under each of `changes`
+    (`--points-under`), in order: "clean" is the stored validation predictions (the ones calibration is
+    fitted on), every other change is scored now by `model` on `device` (`training.evaluate.perturbed_scores`);
+    `model` is back on the CPU afterwards. UserError naming the flag without usable validation images."""
+    from training.data import FaceDataset
+    from training.distributed import resolve_device
+    from training.evaluate import perturbed_scores
+    from training.model import cam_grid
+
+    flag = "--points-under " + ",".join(change.name for change in changes)
+    labels, scores = state.val_predictions.labelled_scores()
+    if labels is None or len(set(labels.tolist())) < 2:
+        raise UserError(f"{flag}: the checkpoint has no validation predictions with both classes to fit operating points on")
+    samples = state.val_predictions.samples(f"{flag} scores the checkpoint's validation images under each change")
+    size = int(state.image_size)
+    dataset = FaceDataset(samples, size, tuple(state.cam_grid or cam_grid(model, size)), scale=state.input_scale)
+    torch_device = resolve_device(device)
+    clean = {"labels": labels, "scores": scores}
+    try:
+        model.to(torch_device)
+        found = perturbed_scores(model, dataset, changes, clean, batch_size=batch_size, device=torch_device)
+        return {change.name: (changed_labels, changed_scores) for change, changed_labels, changed_scores in found}
+    finally:
+        model.cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +252,9 @@ def export_checkpoint(request: ExportRequest) -> Path:
     if request.target.exists() and not request.force:
         raise UserError(f"{request.target}: version exists; pass --force to replace it")
     state, model, config = load_model(request.checkpoint)
-    scoring = choose_scoring(request.threshold, request.calibrate, state)
+    changes = request.changes
+    under = validation_under_changes(state, model, changes, request.device) if len(changes) > 1 else None
+    scoring = choose_scoring(request.threshold, request.calibrate, state, under)
     model_dir = request.repository / request.name
     new_model_dir = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)

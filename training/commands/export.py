@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibrate", default="auto", metavar="METHOD",
                         help="calibrate scores on the validation predictions: platt, temperature, none, or auto "
                              "(default: the lowest cross-validated log-loss of the three)")
+    parser.add_argument("--points-under", default="clean", metavar="LIST",
+                        help="fit the operating points on the validation images clean and under these everyday "
+                             "changes, pooled (names as `cyborg evaluate --perturb` takes them, e.g. jpeg30,blur2, or "
+                             "all; clean is always included): fpr1 then calls at most 1%% of all those reals fake. "
+                             "Default clean: the clean validation predictions only. The calibration stays fitted on clean")
+    parser.add_argument("--device", default="auto", help="where --points-under scores the changed images: auto, cpu or cuda (default auto)")
     parser.add_argument("--int8", action="store_true", help="also write a statically quantised CPU model (model.int8.onnx)")
     parser.add_argument("--calibration-data", type=Path, default=None,
                         help="int8 calibration images: a folder or a file of paths (default: the checkpoint's validation images)")
@@ -43,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         calibrate=args.calibrate,
         bench=args.bench,
+        points_under=args.points_under,
+        device=args.device,
     )
     target = export_checkpoint(request)
     print(target)
