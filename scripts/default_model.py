@@ -9,10 +9,11 @@ serving see faces the same way), split as the seed-0 hold-out of the original fo
 FFHQ-aligned faces (`cyborg saliency prior`; the aligned crops of other sources train with CE
 only); one CYBORG run per member seed (`--members`, default one run, seed 1) on every source at
 once (`cyborg train DATA...`) on the whole 256-px face, several members averaged into one model
-(`cyborg ensemble`), `cyborg evaluate --split val --perturb all` of it (the model card's figures,
-robustness and calibration), then
-`cyborg export` into the model repository (temperature calibration and operating points fitted on
-validation). With --holdout SOURCE_FOLDER, one more run of the first member's recipe without that
+(`cyborg ensemble`; v7: seeds 0 and 1), `cyborg evaluate --split val --perturb all` of it (the
+model card's figures, robustness and calibration), then `cyborg export` into the model repository
+(temperature calibration fitted on validation; operating points fitted on the validation images
+clean and under every everyday change, `--points-under all`, so "fpr1" holds for re-compressed and
+resized photos too). With --holdout SOURCE_FOLDER, one more run of the first member's recipe without that
 folder is evaluated on it: what to expect from a generator family the model never saw.
 The recipe runs unchanged on a GPU (`--device cuda`).
 """
@@ -81,13 +82,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help=f"folder holding {', '.join(FOLDERS)}")
     parser.add_argument("--seed", type=int, default=0, help="the validation split's seed (default 0)")
-    parser.add_argument("--members", default="1", help="training seeds: one seed trains one network (default 1, v6); several are averaged with `cyborg ensemble` (v5 was 0,1 at 224 px)")
+    parser.add_argument("--members", default="0,1", help="training seeds: one network per seed, several averaged with `cyborg ensemble` (default 0,1: v7; 1 alone is v6, half the training and serving time)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path("runs/default-model"), help="scratch folder for data links, maps and runs")
     parser.add_argument("--repository", type=Path, default=Path("models"))
     parser.add_argument("--name", default="cyborg-faces")
-    parser.add_argument("--version", type=int, default=6)
+    parser.add_argument("--version", type=int, default=7)
     parser.add_argument("--calibrate", default="temperature", help="export's --calibrate (default temperature: one parameter)")
+    parser.add_argument("--points-under", default="all", help="export's --points-under: the changes the operating points are fitted under (default all)")
     parser.add_argument("--holdout", default=None, help=f"one of {', '.join(FOLDERS)}: also train without it and evaluate on it")
     args = parser.parse_args()
     folders = [args.data / name for name in FOLDERS]
@@ -134,7 +136,8 @@ def main() -> int:
         summary["holdout"] = {"folder": args.holdout, "val_auc": held["auc"],
                               "per_source_auc": {s: row["auc"] for s, row in held["per_source"].items()}}  # fmt: skip
     cyborg("export", str(model), "--repository", str(args.repository), "--name", args.name,
-           "--version", str(args.version), "--calibrate", args.calibrate, "--force")  # fmt: skip
+           "--version", str(args.version), "--calibrate", args.calibrate, "--points-under", args.points_under,
+           "--device", args.device, "--force")  # fmt: skip
     elapsed = time.monotonic() - started
     summary["seconds"] = round(elapsed)
     (args.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 SHARED = ROOT.parent / "shared" / "data"  # present on developer machines and CI, not for users
 FACES = SHARED / "faces"
-MAX_BYTES = 40 * 1024 * 1024  # the default (one Lite0 at 256 px, 14 MB) and the previous default, the v5 ensemble (27 MB)
+MAX_BYTES = 40 * 1024 * 1024  # the default, v7 (two Lite0 at 256 px, 27 MB), and v6, the fast one-network version (14 MB)
 
 
 def version_dirs() -> list[Path]:
