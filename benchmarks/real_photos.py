@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.commands import positive_ints
 from core.contract import ModelContract, called_fake
 from core.errors import UserError
 from core.images import IMAGE_EXTENSIONS, image_files
@@ -339,13 +340,8 @@ def _quantiles(values: dict[str, float] | None) -> str:
 
 
 def version_list(text: str) -> list[int]:
-    try:
-        versions = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        versions = []
-    if not versions or any(v < 1 for v in versions):
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive version numbers, e.g. 6,7")
-    return list(dict.fromkeys(versions))
+    """argparse type of --versions: positive version numbers, each once, in the order given."""
+    return list(dict.fromkeys(positive_ints(text)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import argparse
 
+from benchmarks.commands import positive_ints
+
 
 def int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        values = ()
-    if not values or any(value < 1 for value in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive integers")
-    return values
+    return tuple(positive_ints(text))
 
 
 def name_list(text: str) -> tuple[str, ...]:

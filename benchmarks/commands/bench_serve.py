@@ -9,22 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-
-def concurrency_list(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        levels = []
-    if not levels or any(level < 1 for level in levels):
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive integers, e.g. 1,4,16,32")
-    return levels
+from benchmarks.commands import positive_ints
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", default="models", help="model repository to serve (default: models)")
     parser.add_argument("--model", help="model to measure (default: the first in the repository)")
     parser.add_argument("--version", type=int, help="model version (default: the latest)")
-    parser.add_argument("--concurrency", type=concurrency_list, default=[1, 4, 16, 32], help="closed-loop client counts (default: 1,4,16,32)")
+    parser.add_argument("--concurrency", type=positive_ints, default=[1, 4, 16, 32], help="closed-loop client counts (default: 1,4,16,32)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default: 10)")
     parser.add_argument("--rounds", type=int, default=2, help="baseline/server window pairs per sweep point, splitting --duration (default: 2)")
     parser.add_argument("--warmup", type=float, help="seconds before each server window starts counting (default: min(1, window/4))")
