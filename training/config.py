@@ -44,6 +44,10 @@ class TrainConfig:
     augment_jpeg_min: int = 30  # JPEG / WebP quality drawn uniformly in [augment_jpeg_min, 100]
     augment_blur_max: float = 3.0  # Gaussian blur sigma drawn uniformly in [0, augment_blur_max]
     augment_zoom_max: float = 1.15  # shift: a crop of 1/zoom of each side, zoom drawn in [1, augment_zoom_max]
+    # distillation (training.distill): a trained model's softened scores taught beside the labels
+    teacher: str | None = None  # a checkpoint (one network or a `cyborg ensemble`) at the student's input size and scale
+    distill_weight: float = 1.0  # loss += distill_weight * T^2 * KL(teacher_T || student_T)
+    distill_temperature: float = 2.0  # T: both models' logits divided by it before the softmax
     # optimisation (the paper's recipe)
     epochs: int = 50
     batch_size: int = 20
@@ -93,6 +97,10 @@ class TrainConfig:
             raise UserError(f"--augment-blur-max {self.augment_blur_max}: must be in [0, 10] (pixels)")
         if not 1.0 <= self.augment_zoom_max <= 2.0:
             raise UserError(f"--augment-zoom-max {self.augment_zoom_max}: must be in [1, 2] (1 = no zoom)")
+        if not self.distill_weight >= 0.0:
+            raise UserError(f"--distill-weight {self.distill_weight}: must be at least 0")
+        if not self.distill_temperature > 0.0:
+            raise UserError(f"--distill-temperature {self.distill_temperature}: must be above 0")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in (0, 1)")
 

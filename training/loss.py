@@ -25,6 +25,7 @@ class StepResult:
     ce: torch.Tensor  # the cross-entropy part, for logs
     guidance_term: torch.Tensor  # the guidance part (0 for plain CE), for logs
     logits: torch.Tensor  # [B, classes], for accuracy
+    distillation: torch.Tensor | None = None  # the teacher term (training.distill), for logs; None without a teacher
 
 
 @dataclasses.dataclass

@@ -230,13 +230,19 @@ def train_one_epoch(
     info: DistInfo,
     epoch: int,
     progress: bool = True,
+    teacher: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss, ce, guidance term, accuracy and images/s (all ranks)."""
+    """One pass over `loader`; returns mean loss, ce, guidance term, the teacher term (with a teacher),
+    accuracy and images/s (all ranks)."""
     from tqdm import tqdm
 
     method = get_method(config.guidance)
+    if teacher is not None:
+        from training.distill import with_teacher
+
+        method = with_teacher(method, teacher, config.distill_weight, config.distill_temperature)
     set_train_mode(model, config)
-    sums = {"loss": 0.0, "ce": 0.0, "guidance": 0.0, "correct": 0.0, "count": 0.0}
+    sums = {"loss": 0.0, "ce": 0.0, "guidance": 0.0, "distill": 0.0, "correct": 0.0, "count": 0.0}
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
     start = time.perf_counter()
     for step, batch in enumerate(bar):
@@ -251,6 +257,8 @@ def train_one_epoch(
         sums["loss"] += result.loss.detach().item() * n
         sums["ce"] += result.ce.detach().item() * n
         sums["guidance"] += float(result.guidance_term.detach()) * n
+        if result.distillation is not None:
+            sums["distill"] += result.distillation.detach().item() * n
         sums["correct"] += (result.logits.argmax(dim=1) == batch["label"]).sum().item()
         sums["count"] += n
         elapsed = time.perf_counter() - start
@@ -263,13 +271,10 @@ def train_one_epoch(
     elapsed = time.perf_counter() - start
     sums = distributed.reduce_sums(sums, info)
     count = max(sums["count"], 1.0)
-    return {
-        "loss": sums["loss"] / count,
-        "ce": sums["ce"] / count,
-        "guidance": sums["guidance"] / count,
-        "accuracy": sums["correct"] / count,
-        "images_per_s": sums["count"] / max(elapsed, 1e-9),
-    }
+    stats = {key: sums[key] / count for key in ("loss", "ce", "guidance", "distill")}
+    if teacher is None:
+        del stats["distill"]
+    return {**stats, "accuracy": sums["correct"] / count, "images_per_s": sums["count"] / max(elapsed, 1e-9)}
 
 
 def validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, info: DistInfo) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -358,6 +363,7 @@ class Run:
     scaler: torch.amp.GradScaler
     image_size: int
     grid: tuple[int, int]
+    teacher: torch.nn.Module | None = None  # config.teacher's network (training.distill), frozen
     start: int = 0
     best: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epoch": None, "val_auc": None})
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -384,7 +390,7 @@ def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> d
             start_epoch(loader, config.seed, epoch)
             lr = run.optimizer.param_groups[0]["lr"]
             try:
-                train_stats = train_one_epoch(ddp_model, loader, run.optimizer, run.scaler, config, info, epoch, progress)
+                train_stats = train_one_epoch(ddp_model, loader, run.optimizer, run.scaler, config, info, epoch, progress, run.teacher)
             except TrainingDiverged as error:
                 kept = f"{last_path} keeps epoch {epoch}, the last good weights" if epoch else "no checkpoint was written"
                 raise TrainingDiverged(f"{error}; training stopped, {kept} (try a lower --lr, or check the data and maps)") from None
@@ -436,8 +442,15 @@ def setup_run(config: TrainConfig, info: DistInfo, state: Checkpoint | None) -> 
     if config.channels_last:  # about 2x faster on CPU too (docs/benchmarks.md, training step time)
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
+    teacher = None
+    if config.teacher:
+        from training.distill import load_teacher
+
+        teacher = load_teacher(config.teacher, image_size, config.scale or image_size, info.device)
+        if config.channels_last:
+            teacher.to(memory_format=torch.channels_last)
     run = Run(config=config, info=info, model=model, data=data, optimizer=optimizer, scheduler=build_scheduler(config, optimizer),
-              scaler=torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and config.amp), image_size=image_size, grid=grid)  # fmt: skip
+              scaler=torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and config.amp), image_size=image_size, grid=grid, teacher=teacher)  # fmt: skip
     if state is not None:
         model.load_state_dict(state.model)
         run.optimizer.load_state_dict(state.optimizer)
@@ -498,8 +511,9 @@ def make_checkpoint(run: Run, epoch: int, val_metrics: dict[str, Any], predictio
 
 def log_epoch(config: TrainConfig, epoch: int, train_stats: dict[str, float], val_metrics: dict[str, Any], improved: bool) -> None:
     log.info(
-        "epoch %d/%d: loss %.4f (ce %.4f, guidance %.4f), train acc %.3f, %.1f img/s; val AUC %s, acc %.3f%s%s",
+        "epoch %d/%d: loss %.4f (ce %.4f, guidance %.4f%s), train acc %.3f, %.1f img/s; val AUC %s, acc %.3f%s%s",
         epoch + 1, config.epochs, train_stats["loss"], train_stats["ce"], train_stats["guidance"],
+        f", teacher {train_stats['distill']:.4f}" if "distill" in train_stats else "",
         train_stats["accuracy"], train_stats["images_per_s"], _fmt(val_metrics["auc"]), val_metrics["accuracy"],
         "".join(f"; {source} {_fmt(auc)}" for source, auc in val_metrics["source_auc"].items()) if len(val_metrics["source_auc"]) > 2 else "",
         " (best)" if improved else "",

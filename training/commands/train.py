@@ -26,6 +26,10 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--augment-blur-max": ("augment_blur_max", float, "Gaussian blur sigma drawn in [0, this] pixels (default: 3)"),
     "--augment-zoom-max": ("augment_zoom_max", float, "shift: a crop of 1/zoom of each side resized back, zoom drawn in "
                            "[1, this] (default: 1.15)"),
+    "--teacher": ("teacher", str, "distil from this checkpoint (one network or a `cyborg ensemble`) as well as the labels "
+                  "(default: none; see docs/training.md)"),
+    "--distill-weight": ("distill_weight", float, "weight of the teacher term, weight * T^2 * KL (default: 1)"),
+    "--distill-temperature": ("distill_temperature", float, "temperature T of the teacher term (default: 2)"),
     "--epochs": ("epochs", int, "epochs (default: 50)"),
     "--batch-size": ("batch_size", int, "batch size per process (default: 20)"),
     "--image-size": ("image_size", int, "input side in pixels (default: the architecture's, 224 or 299)"),

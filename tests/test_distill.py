@@ -1,0 +1,120 @@
+"""Distillation: the teacher term's value and gradient, a frozen teacher, a student run, and bad teachers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cyborg.cli import main
+from core.errors import UserError
+from tests.datasets import make_plain_dataset
+from tests.test_trainer import tiny_config
+from core.contract import FAKE_INDEX
+from training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.distill import distillation_loss, load_teacher, with_teacher
+from training.guidance import get_method
+from training.model import create_classifier, fake_probability
+from training.trainer import fit
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_plain_dataset(tmp_path_factory.mktemp("tiny"), n_real=12, n_fake=12, size=32)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    fit(tiny_config(tiny_data, out, seed=3), progress=False)
+    return out
+
+
+def test_the_term_is_zero_for_equal_logits_and_pulls_the_student_toward_the_teacher():
+    teacher = torch.tensor([[2.0, -1.0], [-0.5, 1.5]])
+    assert distillation_loss(teacher.clone(), teacher, 2.0).item() == pytest.approx(0.0, abs=1e-7)
+    student = torch.zeros(2, 2, requires_grad=True)
+    loss = distillation_loss(student, teacher, 2.0)
+    assert loss.item() > 0
+    loss.backward()
+    # gradient descent moves each logit toward the teacher's preferred class
+    assert (-student.grad * (teacher.softmax(1) - 0.5)).sum() > 0
+    # T^2 scaling: at a high temperature the term stays on the cross-entropy's scale, about (dz)^2 / 4 per pair
+    high = distillation_loss(torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), 50.0).item()
+    assert high == pytest.approx((2.0**2) / 8, rel=0.05)
+
+
+def test_a_step_with_a_teacher_adds_the_weighted_term_and_never_changes_the_teacher():
+    torch.manual_seed(0)
+    student, teacher = create_classifier("cyborg_local_tiny"), create_classifier("cyborg_local_tiny").eval()
+    teacher.requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    batch = {"image": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), "label": torch.tensor([0, 1, 0, 1])}
+    config = TrainConfig(guidance="ce")
+    plain = get_method("ce")(student, batch, config)
+    taught = with_teacher(get_method("ce"), teacher, weight=0.7, temperature=3.0)(student, batch, config)
+    expected = distillation_loss(taught.logits, teacher(batch["image"]).logits, 3.0)
+    torch.testing.assert_close(taught.distillation, expected)
+    torch.testing.assert_close(taught.loss, plain.loss + 0.7 * expected)
+    taught.loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def biased_teacher(run: Path, out: Path) -> Path:
+    """The run's network with its head's bias set so it calls nearly everything fake: a teacher unlike the labels."""
+    checkpoint = read_checkpoint(run / "best.pt")
+    model, _ = model_from_checkpoint(checkpoint)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([-4.0, 4.0]) if FAKE_INDEX == 1 else torch.tensor([4.0, -4.0]))
+    checkpoint.model = model.state_dict()
+    save_checkpoint(checkpoint, out)
+    return out
+
+
+def test_a_student_run_logs_the_teacher_term_and_follows_the_teacher(tiny_data, teacher_run, tmp_path):
+    """Same data, seed and steps; only the teacher differs: the taught student leans the teacher's way."""
+    teacher_path = biased_teacher(teacher_run, tmp_path / "teacher.pt")
+    images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+
+    def mean_fake_probability(run: Path) -> float:
+        student, _ = model_from_checkpoint(read_checkpoint(run / "last.pt"))
+        with torch.no_grad():
+            return fake_probability(student(images).logits).mean().item()
+
+    settings = dict(guidance="ce", alpha=1.0, epochs=2)
+    fit(tiny_config(tiny_data, tmp_path / "alone", **settings), progress=False)
+    fit(tiny_config(tiny_data, tmp_path / "taught", teacher=str(teacher_path), distill_weight=5.0, **settings), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "taught" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["train_distill"] > 0 for row in rows)
+    assert "train_distill" not in json.loads((tmp_path / "alone" / "metrics.jsonl").read_text().splitlines()[0])
+    assert read_checkpoint(tmp_path / "taught" / "last.pt").config.teacher == str(teacher_path)
+    assert mean_fake_probability(tmp_path / "taught") > mean_fake_probability(tmp_path / "alone") + 0.2
+
+
+def test_a_teacher_at_another_input_size_or_a_missing_one_is_refused(teacher_run, tmp_path):
+    with pytest.raises(UserError, match=r"--teacher .*input size 32 px, but the student is trained at 64"):
+        load_teacher(teacher_run / "best.pt", 64, 64, torch.device("cpu"))
+    with pytest.raises(UserError, match=r"scale 32 px, but the student is trained at 40"):
+        load_teacher(teacher_run / "best.pt", 32, 40, torch.device("cpu"))
+    with pytest.raises(UserError, match="no such checkpoint file"):
+        load_teacher(tmp_path / "absent.pt", 32, 32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--distill-weight", "-1"], r"--distill-weight -1.0: must be at least 0"),
+        (["--distill-temperature", "0"], r"--distill-temperature 0.0: must be above 0"),
+    ],
+)
+def test_bad_distillation_settings_are_named(tiny_data, tmp_path, capsys, flags, message):
+    code = main(["train", str(tiny_data), "--arch", "cyborg_local_tiny", "--weights", "none", "--image-size", "32",
+                 "--device", "cpu", "--out", str(tmp_path / "run"), *flags])  # fmt: skip
+    assert code != 0
+    assert message in capsys.readouterr().err.replace("\\", "")
