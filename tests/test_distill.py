@@ -1,4 +1,4 @@
-"""Distillation: the teacher term's value and gradient, a frozen teacher, a student run, and bad teachers."""
+"""Distillation: the teacher term's value and gradient, a frozen teacher, a student run (and its model.json), bad teachers."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from cyborg.cli import main
 from core.errors import UserError
 from tests.datasets import make_plain_dataset
 from tests.test_trainer import tiny_config
-from core.contract import FAKE_INDEX
+from core.contract import FAKE_INDEX, sha256_file
 from training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.distill import distillation_loss, load_teacher, with_teacher
+from training.export import ExportRequest, export_checkpoint
 from training.guidance import get_method
 from training.model import create_classifier, fake_probability
 from training.trainer import fit
@@ -95,6 +96,10 @@ def test_a_student_run_logs_the_teacher_term_and_follows_the_teacher(tiny_data, 
     assert "train_distill" not in json.loads((tmp_path / "alone" / "metrics.jsonl").read_text().splitlines()[0])
     assert read_checkpoint(tmp_path / "taught" / "last.pt").config.teacher == str(teacher_path)
     assert mean_fake_probability(tmp_path / "taught") > mean_fake_probability(tmp_path / "alone") + 0.2
+    folder = export_checkpoint(ExportRequest(tmp_path / "taught" / "best.pt", tmp_path / "repo", "student", 1, calibrate="none"))
+    record = json.loads((folder / "model.json").read_text())["training"]["teacher"]
+    assert record["checkpoint"] == str(teacher_path) and record["distill_weight"] == 5.0 and record["distill_temperature"] == 2.0
+    assert record["checkpoint_sha256"] == sha256_file(teacher_path)
 
 
 def test_a_teacher_at_another_input_size_or_a_missing_one_is_refused(teacher_run, tmp_path):

@@ -243,6 +243,18 @@ def training_provenance(state: Checkpoint, config, checkpoint: Path) -> dict[str
         "seed": config.seed,
         "val_fraction": config.val_fraction,
         **({"ensemble": state.ensemble} if state.ensemble else {}),
+        **({"teacher": teacher_record(config)} if getattr(config, "teacher", None) else {}),
+    }
+
+
+def teacher_record(config) -> dict[str, Any]:
+    """What model.json says about the model a distilled network was taught by (training.distill)."""
+    path = Path(config.teacher)
+    return {
+        "checkpoint": str(path),
+        **({"checkpoint_sha256": c.sha256_file(path)} if path.is_file() else {}),
+        "distill_weight": config.distill_weight,
+        "distill_temperature": config.distill_temperature,
     }
 
 
