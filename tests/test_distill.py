@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cyborg.cli import main
+from core.contract import FAKE_INDEX, sha256_file
 from core.errors import UserError
+from cyborg.cli import main
 from tests.datasets import make_plain_dataset
 from tests.test_trainer import tiny_config
-from core.contract import FAKE_INDEX, sha256_file
 from training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.distill import distillation_loss, load_teacher, with_teacher
