@@ -3,9 +3,11 @@
 Every model under the root is served at the versions its `VersionPolicy` selects (Triton's
 `version_policy`): by default its newest version that loads (Triton's "latest 1"), else the N newest
 that load, all that load, or specific version numbers. A request for version 0 goes to the newest
-loaded version. `reload()` rescans: a new or changed version is loaded and warmed off the event loop
-before it replaces the old one, which is unloaded once its in-flight requests finish; a version that
-fails (bad checksum, corrupt ONNX, bad model.json, wrong outputs) is logged, counted in
+loaded version, or for the default model to its `default_version` while that one is loaded
+(`cyborg serve --default-version`; when it is not, the newest, with a warning each reload).
+`reload()` rescans: a new or changed version is loaded and warmed off the event loop before it
+replaces the old one, which is unloaded once its in-flight requests finish; a version that fails
+(bad checksum, corrupt ONNX, bad model.json, wrong outputs) is logged, counted in
 `cyborg_model_load_failure` and skipped, and the other versions keep serving. A folder without
 model.json yet (an export in progress) is left alone until it has one. `unload_model(name)` stops
 serving a model until `load_model(name)` (the Open Inference Protocol's load/unload extension,
@@ -68,6 +70,16 @@ class VersionPolicy:
             return cls("specific", versions=tuple(sorted({int(item) for item in items}, reverse=True)))
         raise UserError(f"--version-policy {text[:80]!r}: expected {VERSION_POLICY_FORMS}")
 
+    def check_default(self, version: int) -> None:
+        """UserError unless `cyborg serve --default-version version` may be served under this policy
+        (0: the newest; by its form, a `specific` policy must list it; `latest:N` is checked after loading)."""
+        from core.errors import UserError
+
+        if version < 0:
+            raise UserError(f"--default-version {version}: must not be negative (0 = the newest served version)")
+        if version and not self.wants(version):
+            raise UserError(f"--default-version {version}: --version-policy {self} does not serve version {version} (list it in --version-policy, or choose one of {self})")
+
     def __str__(self) -> str:
         if self.kind == "specific":
             return ",".join(map(str, self.versions))
@@ -94,6 +106,7 @@ class RepositorySettings:
     default_model: str = ""
     bulk_lane: bool = True  # large raw requests on a second, one-thread, low-priority engine (ONNX Runtime on CPU)
     version_policy: VersionPolicy = VersionPolicy()  # which versions of each model serve (default: the newest that loads)
+    default_version: int = 0  # the default model's version for requests that name none while it is loaded; 0: the newest
 
 
 @dataclasses.dataclass
@@ -235,13 +248,57 @@ class ModelRepository:
             served = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFound(f"unknown model {quote(name)} (serving: {served})")
         if not version:
-            return versions[max(versions)]
+            return versions[self.default_version(name)]
         model = versions.get(version)
         if model is None:
             served = sorted(versions, reverse=True)
             plural = "s" if len(served) > 1 else ""
             raise ModelNotFound(f"model {name!r} version {version} is not served (serving version{plural} {', '.join(map(str, served))})")
         return model
+
+    def default_version(self, name: str = "") -> int:
+        """The version a request for `name` (empty: the default model) that names none gets: the
+        settings' `default_version` for the default model while it is loaded, else the newest loaded; 0 if none."""
+        name = name or self.default_name
+        versions = self._models.get(name, {})
+        if name == self.default_name and self.settings.default_version in versions:
+            return self.settings.default_version
+        return max(versions, default=0)
+
+    def check_default_version(self) -> None:
+        """At start-up: UserError naming `--default-version` and `--version-policy` when the default
+        model has loaded versions but not `default_version`."""
+        from core.errors import UserError
+
+        problem = self._default_version_problem()
+        if problem:
+            raise UserError(f"--default-version {self.settings.default_version}: {problem}")
+
+    def _default_version_problem(self) -> str:
+        """Why the default model serves, but not at `default_version` (empty when it does, or serves nothing)."""
+        wanted, name = self.settings.default_version, self.default_name
+        versions = self._models.get(name)
+        if not wanted or not versions or wanted in versions:
+            return ""
+        served = ", ".join(map(str, sorted(versions, reverse=True)))
+        folders = dict(self._known.get(name, []))
+        if wanted not in folders:
+            why = f"{self.root / name / str(wanted)} does not exist"
+        elif (name, wanted) in self._failed:
+            why = f"it failed to load: {self._failed[(name, wanted)][1]}"
+        elif not (folders[wanted] / CONTRACT_FILE).exists():
+            why = f"it has no {CONTRACT_FILE} yet"
+        else:
+            why = "the policy leaves it out"
+        return f"model {name!r} version {wanted} is not served under --version-policy {self.settings.version_policy} (serving {served}; {why})"
+
+    def _warn_default_version(self) -> None:
+        """Log (once a reload, not each request) when requests naming no version fall back to the newest."""
+        problem = self._default_version_problem()
+        if problem:
+            name = self.default_name
+            log.warning("--default-version %s: %s: requests naming no version get v%s", self.settings.default_version, problem, self.default_version(name),
+                        extra={"model": name, "version": self.settings.default_version})  # fmt: skip
 
     def _unselected(self, name: str) -> list[str]:
         """Why a model has no loaded version when the version policy selects none of its versions."""
@@ -277,6 +334,7 @@ class ModelRepository:
                 await self._reload_model(name, [] if name in self._held else self._known.get(name, []), report)
             self._loaded_once = True
         await self._changed(report, "repository reloaded")
+        self._warn_default_version()
         return report
 
     async def load_model(self, name: str) -> ReloadReport:
@@ -291,6 +349,8 @@ class ModelRepository:
             self._held.discard(name)
             await self._reload_model(name, self._known[name], report)
         await self._changed(report, f"model {name} load requested")
+        if name == self.default_name:
+            self._warn_default_version()
         if name not in self._models:
             errors = [f"v{v}: {e}" for n, v, e in report.failed if n == name] or self._unselected(name) or ["no version has a model.json yet"]
             raise ModelNotReady(f"model {name!r} did not load ({'; '.join(errors)})")

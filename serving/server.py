@@ -46,6 +46,7 @@ class ServerConfig:
     metrics_auth: bool = False  # /metrics needs a bearer token of auth_token_file
     default_model: str = ""
     version_policy: str = "latest"  # versions of each model served: latest, latest:N, all, or numbers like 6,7 (serving.repository.VersionPolicy)
+    default_version: int = 0  # the default model's version for requests that name none (while loaded); 0: the newest served
     max_batch_size: int | None = None  # None: each model's model.json
     max_queue_delay_ms: float | None = None
     max_queue_size: int | None = None
@@ -231,6 +232,7 @@ class Server:
                 raise UserError(f"--metrics-port {self.config.metrics_port}: cannot listen ({error.strerror})") from error
             self._metrics_http, self.metrics_port = http, http.server_port
         await self.repository.reload()  # calls update_health through on_change
+        self.repository.check_default_version()  # the policy served the default model, but not at --default-version
         self.repository.start_polling(self.config.poll_seconds)
         models = [f"{m.contract.name}:{m.contract.version}" for m in self.repository.loaded()]
         log.info("serving %s", ", ".join(models) or "no model yet", extra={"models": models})
@@ -289,6 +291,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
     if config.metrics_auth and not config.auth_token_file:
         raise UserError("--metrics-auth needs --auth-token-file (the tokens /metrics accepts)")
     version_policy = VersionPolicy.parse(config.version_policy)
+    version_policy.check_default(config.default_version)
     calls = CallTracker()
     interceptors = [calls, ErrorInterceptor()]
     if config.auth_token_file:
@@ -306,6 +309,7 @@ async def create_server(config: ServerConfig) -> tuple[Server, int]:
         default_model=config.default_model,
         bulk_lane=config.bulk_lane,
         version_policy=version_policy,
+        default_version=config.default_version,
     )
     repository = ModelRepository(config.model_repository, settings, metrics)
     workers = config.decode_workers or os.cpu_count() or 1

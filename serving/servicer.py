@@ -160,6 +160,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         return pb.ListModelsResponse(
             models=[model_info(model) for model in repository.loaded()],
             default_model=repository.default_name,
+            default_version=repository.default_version(),
         )
 
     async def GetModel(self, request, context):

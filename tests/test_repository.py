@@ -325,3 +325,84 @@ def test_models_list_table_and_json(tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["version"], r["status"] == "ok") for r in rows] == [(2, False), (1, True)]
     assert cli(["models", "list", "--model-repository", str(tmp_path / "missing")]) == 2
+
+
+def default_version_settings(policy: str, version: int, model: str = "") -> RepositorySettings:
+    return RepositorySettings(intra_op_threads=1, version_policy=VersionPolicy.parse(policy), default_version=version, default_model=model)
+
+
+def test_default_version_serves_requests_that_name_no_version(tmp_path):
+    build_model_repository(tmp_path, versions=(1, 2, 3))
+    build_model_repository(tmp_path, name="other", versions=(1, 2, 3))
+
+    async def main():
+        repository = ModelRepository(tmp_path, default_version_settings("latest:3", 2, model="tiny"))  # "other" sorts first
+        await repository.reload()
+        try:
+            served = {(name, v): repository.get(name, v).contract.version for name in ("", "tiny", "other") for v in (0, 3)}
+            repository.check_default_version()  # v2 serves: start-up passes
+            return served, repository.default_name, repository.default_version(), repository.default_version("other")
+        finally:
+            await repository.close()
+
+    served, name, default, other = asyncio.run(main())
+    assert name == "tiny" and (default, other) == (2, 3)
+    assert served[("", 0)] == served[("tiny", 0)] == 2  # versionless, by default or by name: v2
+    assert served[("", 3)] == served[("tiny", 3)] == 3  # an explicit version is kept
+    assert served[("other", 0)] == 3  # other models: the newest as before
+
+
+def test_default_version_not_loaded_falls_back_to_the_newest_with_one_warning_a_reload(tmp_path, caplog):
+    build_model_repository(tmp_path, versions=(1, 2, 3))
+    corrupt_onnx(tmp_path / "tiny" / "2")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "--default-version" in r.getMessage()]
+
+    async def main():
+        repository = ModelRepository(tmp_path, default_version_settings("latest:2", 2))
+        seen = []
+        try:
+            await repository.reload()  # v2 broken: v3 and v1 serve
+            seen.append(([repository.get().contract.version for _ in range(5)], warnings()))
+            await repository.reload()
+            seen.append(([repository.get("tiny").contract.version], warnings()))
+            write_model_version(tmp_path, "tiny", 2)  # repaired: v3 and v2 serve
+            await repository.reload()
+            seen.append(([repository.get().contract.version], warnings()))
+            write_model_version(tmp_path, "tiny", 4)  # latest:2 retires v2
+            await repository.reload()
+            seen.append(([repository.get().contract.version], warnings()))
+            with pytest.raises(UserError, match=r"^--default-version 2: model 'tiny' version 2 is not served under --version-policy latest:2 \(serving 4, 3; the policy leaves it out\)$"):
+                repository.check_default_version()
+        finally:
+            await repository.close()
+        return seen
+
+    caplog.set_level("WARNING", logger="serving.repository")
+    broken, again, repaired, retired = asyncio.run(main())
+    assert broken[0] == [3] * 5 and len(broken[1]) == 1  # five requests, one warning
+    assert "version 2 is not served" in broken[1][0] and "it failed to load: " in broken[1][0] and "ONNX Runtime cannot load" in broken[1][0]
+    assert broken[1][0].endswith("requests naming no version get v3")
+    assert again[0] == [3] and len(again[1]) == 2  # one more for the second reload
+    assert repaired[0] == [2] and len(repaired[1]) == 2  # serving v2 again: no warning
+    assert retired[0] == [4] and len(retired[1]) == 3 and "serving 4, 3; the policy leaves it out" in retired[1][-1]
+
+
+@pytest.mark.parametrize(
+    "policy, version, message",
+    [
+        ("latest", -1, "--default-version -1: must not be negative (0 = the newest served version)"),
+        ("6,7", 5, "--default-version 5: --version-policy 7,6 does not serve version 5"),
+        ("4", 3, "--default-version 3: --version-policy 4 does not serve version 3"),
+    ],
+)
+def test_default_version_refused_by_the_policy_form_names_the_flags(policy, version, message):
+    with pytest.raises(UserError) as raised:
+        VersionPolicy.parse(policy).check_default(version)
+    assert str(raised.value).startswith(message)
+
+
+@pytest.mark.parametrize("policy, version", [("latest", 0), ("latest", 7), ("latest:2", 9), ("all", 3), ("6,7", 6), ("6,7", 0)])
+def test_default_version_allowed_by_the_policy_form(policy, version):
+    VersionPolicy.parse(policy).check_default(version)  # latest and all: checked after loading

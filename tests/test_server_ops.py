@@ -342,3 +342,66 @@ def test_version_policy_serves_each_loaded_version_on_every_surface(tmp_path):
             assert float(result.as_numpy(c.SCORE_OUTPUT)[0]) == pytest.approx(scores[2], abs=1e-5)
         finally:
             triton.close()
+
+
+def test_default_version_serves_versionless_requests_for_the_default_model(tmp_path):
+    tc = pytest.importorskip("tritonclient.grpc")
+    build_model_repository(tmp_path, versions=(1, 2, 3))
+    build_model_repository(tmp_path, name="zeta", versions=(1, 2))
+    images = random_images(1, seed=3)
+    scores = {v: float(reference_outputs(tmp_path / "tiny" / str(v), images)["score"][0]) for v in (2, 3)}
+    with RunningServer(tmp_path, version_policy="latest:3", default_version=2) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.DetectorStub(channel)
+        for model, asked, served in (("", 0, 2), ("tiny", 0, 2), ("tiny", 3, 3), ("", 1, 1), ("zeta", 0, 2)):
+            answer = stub.Detect(tensor_request(images[0], model=model, version=asked))
+            assert (answer.model, answer.version) == (model or "tiny", served)
+        assert stub.Detect(tensor_request(images[0])).score == pytest.approx(scores[2], abs=1e-5)
+        listed = stub.ListModels(pb.ListModelsRequest())
+        assert (listed.default_model, listed.default_version) == ("tiny", 2)
+        assert [stub.GetModel(pb.GetModelRequest(model=m)).version for m in ("", "tiny", "zeta")] == [2, 2, 2]
+
+        triton = tc.InferenceServerClient(server.address)
+        try:
+            assert list(triton.get_model_metadata("tiny").versions) == ["1", "2", "3"]
+            assert triton.is_model_ready("tiny") and triton.is_model_ready("tiny", "1")
+            request = tc.InferInput(c.INPUT_NAME, list(images.shape), "UINT8")
+            request.set_data_from_numpy(images)
+            assert triton.infer("tiny", [request]).get_response().model_version == "2"
+        finally:
+            triton.close()
+
+
+def test_default_version_the_policy_cannot_serve_stops_the_start(tmp_path):
+    from core.errors import UserError
+
+    build_model_repository(tmp_path, versions=(1, 2))
+    with pytest.raises(UserError, match=r"^--default-version 5: --version-policy 2,1 does not serve version 5"):
+        RunningServer(tmp_path, version_policy="1,2", default_version=5).start()  # create_server: by the policy's form
+    server = RunningServer(tmp_path, default_version=1)  # latest: only v2 loads
+    try:
+        with pytest.raises(UserError, match=r"^--default-version 1: model 'tiny' version 1 is not served under --version-policy latest:1 \(serving 2; the policy leaves it out\)$"):
+            server.start()
+    finally:
+        server.stop(0)
+    with RunningServer(tmp_path, version_policy="latest:2", default_version=1) as running, grpc.insecure_channel(running.address) as channel:
+        assert pb_grpc.DetectorStub(channel).Detect(tensor_request(random_images(1)[0])).version == 1
+
+
+def test_cyborg_serve_default_version_flag(tmp_path, capsys):
+    from cyborg.cli import build_parser, main as cli
+    from serving.commands.serve import config_from_args
+
+    for extra, expected in (([], 0), (["--default-version", "2"], 2), (["--version-policy", "2,3", "--default-version", "3"], 3)):
+        argv = ["serve", *extra]
+        assert config_from_args(build_parser(argv).parse_args(argv)).default_version == expected
+    build_model_repository(tmp_path, versions=(1, 2))
+    cases = [
+        (["--default-version", "-1"], "cyborg: error: --default-version -1: must not be negative"),
+        (["--version-policy", "2", "--default-version", "1"], "cyborg: error: --default-version 1: --version-policy 2 does not serve version 1"),
+        (["--default-version", "1"], "cyborg: error: --default-version 1: model 'tiny' version 1 is not served under --version-policy latest:1"),  # after loading
+        (["--default-version", "3"], f"version 3 is not served under --version-policy latest:1 (serving 2; {tmp_path / 'tiny' / '3'} does not exist)"),
+    ]
+    for arguments, message in cases:
+        argv = ["serve", "--model-repository", str(tmp_path), "--port", "0", "--metrics-port", "-1", "--log-format", "text", *arguments]
+        assert cli(argv) == 2
+        assert message in capsys.readouterr().err

@@ -18,7 +18,8 @@ FLAGS: dict[str, tuple[dict, str]] = {
     "metrics_host": ({}, "address /metrics listens on (default: 127.0.0.1 when TLS or --auth-token-file is on, else --host)"),
     "metrics_auth": ({"action": "store_true"}, "/metrics needs 'Authorization: Bearer <token>' with a token of --auth-token-file"),
     "default_model": ({}, "model for requests that name none (default: the only/first model)"),
-    "version_policy": ({"metavar": "POLICY"}, "versions of each model to serve, as Triton's version_policy: latest (the newest that loads), latest:N (the N newest that load), all, or version numbers such as 6,7; a request's version picks one, 0 the newest (default: {default})"),
+    "version_policy": ({"metavar": "POLICY"}, "versions of each model to serve, as Triton's version_policy: latest (the newest that loads), latest:N (the N newest that load), all, or version numbers such as 6,7; a request's version picks one, 0 the newest or --default-version (default: {default})"),
+    "default_version": ({"type": int, "metavar": "N"}, "version of the default model for requests that name none, while it is loaded (else the newest, with a warning); --version-policy must serve it (default: {default} = the newest served)"),
     "max_batch_size": ({"type": int}, "override every model's batching.max_batch_size"),
     "max_queue_delay_ms": ({"type": float}, "override every model's batching.max_queue_delay_ms"),
     "max_queue_size": ({"type": int}, "override every model's batching.max_queue_size (requests)"),
@@ -64,7 +65,7 @@ def config_from_args(args: argparse.Namespace):
     from serving.repository import VersionPolicy
     from serving.server import ServerConfig
 
-    VersionPolicy.parse(args.version_policy)  # a bad policy fails here, naming the flag and its forms
+    VersionPolicy.parse(args.version_policy).check_default(args.default_version)  # a bad policy or default version fails here, naming the flags
     for flag in ("max_batch_size", "max_queue_size", "instances", "max_message_mb", "max_image_pixels", "max_heatmap_side", "max_batch_items", "max_faces", "min_face"):
         value = getattr(args, flag)
         if value is not None and value < 1:
