@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Serves v7 (the default: two networks, the most accurate) and v6 (one network, twice as fast: `--version 6`).
 serve: setup
 	$(BIN)/cyborg serve --model-repository models --version-policy latest:2
 

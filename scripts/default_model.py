@@ -13,7 +13,10 @@ once (`cyborg train DATA...`) on the whole 256-px face, several members averaged
 model card's figures, robustness and calibration), then `cyborg export` into the model repository
 (temperature calibration fitted on validation; operating points fitted on the validation images
 clean and under every everyday change, `--points-under all`, so "fpr1" holds for re-compressed and
-resized photos too). With --holdout SOURCE_FOLDER, one more run of the first member's recipe without that
+resized photos too). With --student-version N, one network more is taught by the ensemble (`cyborg
+train --teacher`: the last member's weights fine-tuned for 5 epochs with the ensemble's softened
+scores beside the labels), evaluated and exported as version N: tried for v8, not shipped (its AUC
+rose, its true-positive rate at the default 1 % false-positive point fell; docs/model-card.md). With --holdout SOURCE_FOLDER, one more run of the first member's recipe without that
 folder is evaluated on it: what to expect from a generator family the model never saw.
 The recipe runs unchanged on a GPU (`--device cuda`).
 """
@@ -39,6 +42,17 @@ RECIPE = [
     "--weight-decay", "0.05", "--schedule", "cosine", "--epochs", "15", "--batch-size", "32", "--no-progress",
 ]  # fmt: skip
 GUIDANCE = ["--guidance", "cyborg", "--alpha", "0.5"]
+# The student: a member's weights fine-tuned under the ensemble's scores (docs/training.md, distillation).
+STUDENT = {"--lr": "0.0001", "--epochs": "5"}
+DISTILL = ["--distill-weight", "1", "--distill-temperature", "2"]
+
+
+def recipe_with(changes: dict[str, str]) -> list[str]:
+    """RECIPE with the values of the flags in `changes` replaced."""
+    recipe = list(RECIPE)
+    for flag, value in changes.items():
+        recipe[recipe.index(flag) + 1] = value
+    return recipe
 
 
 def cyborg(*args: str) -> None:
@@ -78,6 +92,12 @@ def prepared_data(data: Path, work: Path, seed: int) -> list[str]:
     return [str(out / name) for name in FOLDERS]
 
 
+def export(model: Path, version: int, args: argparse.Namespace) -> None:
+    cyborg("export", str(model), "--repository", str(args.repository), "--name", args.name,
+           "--version", str(version), "--calibrate", args.calibrate, "--points-under", args.points_under,
+           "--device", args.device, "--force")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help=f"folder holding {', '.join(FOLDERS)}")
@@ -90,6 +110,7 @@ def main() -> int:
     parser.add_argument("--version", type=int, default=7)
     parser.add_argument("--calibrate", default="temperature", help="export's --calibrate (default temperature: one parameter)")
     parser.add_argument("--points-under", default="all", help="export's --points-under: the changes the operating points are fitted under (default all)")
+    parser.add_argument("--student-version", type=int, default=0, help="also teach one network by the ensemble and export it as this version (default 0: none)")
     parser.add_argument("--holdout", default=None, help=f"one of {', '.join(FOLDERS)}: also train without it and evaluate on it")
     args = parser.parse_args()
     folders = [args.data / name for name in FOLDERS]
@@ -102,6 +123,8 @@ def main() -> int:
         parser.error(f"--members {args.members!r}: a comma list of integer seeds")
     if not seeds or len(set(seeds)) != len(seeds):
         parser.error(f"--members {args.members!r}: one or more different seeds")
+    if args.student_version and args.student_version == args.version:
+        parser.error(f"--student-version {args.student_version}: the ensemble is exported as that version (--version)")
     if args.holdout is not None and args.holdout not in FOLDERS:
         parser.error(f"--holdout: one of {', '.join(FOLDERS)}")
     started = time.monotonic()
@@ -135,9 +158,18 @@ def main() -> int:
         held = json.loads((run_dir / "val" / "results.json").read_text())
         summary["holdout"] = {"folder": args.holdout, "val_auc": held["auc"],
                               "per_source_auc": {s: row["auc"] for s, row in held["per_source"].items()}}  # fmt: skip
-    cyborg("export", str(model), "--repository", str(args.repository), "--name", args.name,
-           "--version", str(args.version), "--calibrate", args.calibrate, "--points-under", args.points_under,
-           "--device", args.device, "--force")  # fmt: skip
+    export(model, args.version, args)
+    if args.student_version and len(members) > 1:
+        student = args.work / "student"
+        if not (student / "best.pt").is_file():
+            cyborg("train", *data, "--heatmaps", str(maps), *recipe_with({**STUDENT, "--weights": str(members[-1])}), *GUIDANCE,
+                   "--device", args.device, "--teacher", str(model), *DISTILL, "--seed", str(seeds[-1]), "--out", str(student))  # fmt: skip
+        cyborg("evaluate", str(student / "best.pt"), *data, "--heatmaps", str(maps), "--split", "val", "--perturb", "all",
+               "--calibrate", args.calibrate, "--device", args.device, "--out", str(student / "val"))  # fmt: skip
+        taught = json.loads((student / "val" / "results.json").read_text())
+        summary["student"] = {"version": args.student_version, "val_auc": taught["auc"],
+                              "per_source_auc": {s: row["auc"] for s, row in taught["per_source"].items()}}  # fmt: skip
+        export(student / "best.pt", args.student_version, args)
     elapsed = time.monotonic() - started
     summary["seconds"] = round(elapsed)
     (args.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,6 +1,8 @@
-"""The embedded default model in models/: every version loads and matches its checksums; the latest
-(the one `make serve` serves) reproduces its validation figures on the shared data."""
+"""The embedded default model in models/: every version loads, matches its checksums and reproduces
+its validation figures on the shared data; `make serve`'s own flags serve the default version."""
 
+import argparse
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,21 @@ def version_dirs() -> list[Path]:
     return versions
 
 
+def make_serve_flags() -> dict:
+    """The version settings `make serve` passes to `cyborg serve` (read from the Makefile's serve recipe)."""
+    from serving.commands.serve import add_arguments
+
+    recipe = next(line for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("\t") and "cyborg serve" in line)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(shlex.split(recipe.split("cyborg serve", 1)[1]))
+    return {"version_policy": args.version_policy, "default_version": args.default_version}
+
+
 def default_version_dir() -> Path:
-    return version_dirs()[-1]  # the server serves the latest version
+    """The version a request that names none gets from `make serve`: --default-version, else the newest."""
+    chosen = make_serve_flags()["default_version"]
+    return next(p for p in version_dirs() if int(p.name) == chosen) if chosen else version_dirs()[-1]
 
 
 @pytest.fixture(scope="module", params=[p.name for p in version_dirs()])
@@ -31,16 +46,6 @@ def any_version(request):
     import onnxruntime as ort
 
     folder = MODELS / version_dirs()[0].parent.name / request.param
-    contract = c.read_contract(folder)  # verifies every file's sha256 against model.json
-    session = ort.InferenceSession(str(folder / c.ONNX_FILE), providers=["CPUExecutionProvider"])
-    return folder, contract, session
-
-
-@pytest.fixture(scope="module")
-def model():
-    import onnxruntime as ort
-
-    folder = default_version_dir()
     contract = c.read_contract(folder)  # verifies every file's sha256 against model.json
     session = ort.InferenceSession(str(folder / c.ONNX_FILE), providers=["CPUExecutionProvider"])
     return folder, contract, session
@@ -84,13 +89,13 @@ def validation_samples(contract: c.ModelContract):
     return split_samples(discover(folders if len(folders) > 1 else folders[0]), contract.training["val_fraction"], contract.training["seed"])["val"]
 
 
-def test_reproduces_its_validation_figures_on_the_held_out_images(model):
+def test_reproduces_its_validation_figures_on_the_held_out_images(any_version):
     """The ONNX model, fed through the server's preprocessing (`core.images.prepare`), reproduces the
     validation AUC recorded at training time, and its default operating point keeps the real
     portraits' false-positive rate within the model card's promise."""
     from sklearn.metrics import roc_auc_score
 
-    _, contract, session = model
+    _, contract, session = any_version
     val = validation_samples(contract)
     recorded = contract.training["data"]["counts"]["val"]
     assert len(val) == recorded["real"] + recorded["fake"]
@@ -108,14 +113,17 @@ def test_reproduces_its_validation_figures_on_the_held_out_images(model):
 
 @pytest.mark.skipif(not FACES.is_dir(), reason=f"{FACES} (the shared faces data) is not on this machine")
 def test_make_serve_model_answers_detect(tmp_path):
-    """What `make serve` serves: the server's default model scores a real and a fake face."""
+    """What `make serve` serves: the default version scores a real and a fake face; the newest answers when asked."""
     from serving.client import DetectorClient
     from tests.serving_fixtures import RunningServer
 
     real, fake = sorted((FACES / "real").iterdir())[0], sorted((FACES / "fake").iterdir())[0]
     folder = default_version_dir()
-    with RunningServer(MODELS) as server, DetectorClient(server.address, timeout=60) as client:
+    newest = version_dirs()[-1]
+    with RunningServer(MODELS, **make_serve_flags()) as server, DetectorClient(server.address, timeout=60) as client:
         results = [client.detect(str(path), heatmap="overlay") for path in (real, fake)]
+        asked = client.detect(str(real), version=int(newest.name))
+    assert asked.version == int(newest.name)
     for result in results:
         assert result.model == folder.parent.name and result.version == int(folder.name)
         assert 0.0 <= result.score <= 1.0 and result.label in c.CLASS_NAMES
