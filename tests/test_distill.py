@@ -123,3 +123,16 @@ def test_bad_distillation_settings_are_named(tiny_data, tmp_path, capsys, flags,
                  "--device", "cpu", "--out", str(tmp_path / "run"), *flags])  # fmt: skip
     assert code != 0
     assert message in capsys.readouterr().err.replace("\\", "")
+
+
+def test_a_taught_run_resumes_to_the_same_weights_and_refuses_another_teacher(tiny_data, teacher_run, tmp_path):
+    teacher = str(teacher_run / "best.pt")
+    settings = dict(guidance="ce", alpha=1.0, teacher=teacher, distill_weight=2.0)
+    fit(tiny_config(tiny_data, tmp_path / "straight", epochs=2, **settings), progress=False)
+    fit(tiny_config(tiny_data, tmp_path / "resumed", epochs=1, **settings), progress=False)
+    with pytest.raises(UserError, match=r"teacher .* -> 'other.pt'"):
+        fit(tiny_config(tiny_data, tmp_path / "resumed", epochs=2, **{**settings, "teacher": "other.pt"}), resume=True, progress=False)
+    fit(tiny_config(tiny_data, tmp_path / "resumed", epochs=2, **settings), resume=True, progress=False)
+    straight, resumed = read_checkpoint(tmp_path / "straight" / "last.pt"), read_checkpoint(tmp_path / "resumed" / "last.pt")
+    for name, tensor in straight.model.items():
+        torch.testing.assert_close(resumed.model[name], tensor, rtol=0, atol=1e-6, msg=name)
