@@ -1,6 +1,10 @@
 """Fixtures shared by several test modules."""
 
+from pathlib import Path
+
 import pytest
+
+from tests.datasets import make_plain_dataset
 
 
 @pytest.fixture(scope="module")
@@ -12,3 +16,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """A plain real/fake folder of 12 + 12 32-px faces with maps, for tiny training runs."""
+    return make_plain_dataset(tmp_path_factory.mktemp("tiny"), n_real=12, n_fake=12, size=32)

@@ -11,7 +11,6 @@ import torch
 from core.contract import FAKE_INDEX, sha256_file
 from core.errors import UserError
 from cyborg.cli import main
-from tests.datasets import make_plain_dataset
 from tests.test_trainer import tiny_config
 from training.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
@@ -22,11 +21,6 @@ from training.model import create_classifier, fake_probability
 from training.trainer import fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return make_plain_dataset(tmp_path_factory.mktemp("tiny"), n_real=12, n_fake=12, size=32)
 
 
 @pytest.fixture(scope="module")

@@ -40,11 +40,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return make_plain_dataset(tmp_path_factory.mktemp("tiny"), n_real=12, n_fake=12, size=32)
-
-
-@pytest.fixture(scope="module")
 def two_epoch_run(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "straight"
     fit(tiny_config(tiny_data, out, workers=1), progress=False)  # a persistent worker across both epochs
