@@ -16,8 +16,9 @@ clean and under every everyday change, `--points-under all`, so "fpr1" holds for
 resized photos too). With --student-version N, one network more is taught by the ensemble (`cyborg
 train --teacher`: the last member's weights fine-tuned for 5 epochs with the ensemble's softened
 scores beside the labels), evaluated and exported as version N: tried for v8, not shipped (its AUC
-rose, its true-positive rate at the default 1 % false-positive point fell; docs/model-card.md). With --holdout SOURCE_FOLDER, one more run of the first member's recipe without that
-folder is evaluated on it: what to expect from a generator family the model never saw.
+rose, its true-positive rate at the default 1 % false-positive point fell; docs/model-card.md).
+With --holdout SOURCE_FOLDER, one more run of the first member's recipe without that folder is
+evaluated on it: what to expect from a generator family the model never saw.
 The recipe runs unchanged on a GPU (`--device cuda`).
 """
 
@@ -92,6 +93,14 @@ def prepared_data(data: Path, work: Path, seed: int) -> list[str]:
     return [str(out / name) for name in FOLDERS]
 
 
+def validation_figures(checkpoint: Path, data: list[str], maps: Path, device: str, out: Path, *options: str) -> dict:
+    """`cyborg evaluate --split val` of `checkpoint` into `out` (with `options`); its AUC and per-source AUCs."""
+    cyborg("evaluate", str(checkpoint), *data, "--heatmaps", str(maps), "--split", "val", *options,
+           "--device", device, "--out", str(out))  # fmt: skip
+    result = json.loads((out / "results.json").read_text())
+    return {"val_auc": result["auc"], "per_source_auc": {s: row["auc"] for s, row in result["per_source"].items()}}
+
+
 def export(model: Path, version: int, args: argparse.Namespace) -> None:
     cyborg("export", str(model), "--repository", str(args.repository), "--name", args.name,
            "--version", str(version), "--calibrate", args.calibrate, "--points-under", args.points_under,
@@ -143,32 +152,24 @@ def main() -> int:
     if len(members) > 1:
         model = args.work / "ensemble.pt"
         cyborg("ensemble", *map(str, members), "--out", str(model), "--device", args.device)
-    cyborg("evaluate", str(model), *data, "--heatmaps", str(maps), "--split", "val", "--perturb", "all",
-           "--calibrate", args.calibrate, "--device", args.device, "--out", str(args.work / "val"))  # fmt: skip
-    result = json.loads((args.work / "val" / "results.json").read_text())
+    full = ["--perturb", "all", "--calibrate", args.calibrate]  # the model card's figures: robustness and calibration
     summary = {"members": seeds, "split_seed": args.seed, "recipe": RECIPE + GUIDANCE, "model": str(model),
-               "val_auc": result["auc"], "per_source_auc": {s: row["auc"] for s, row in result["per_source"].items()}}  # fmt: skip
+               **validation_figures(model, data, maps, args.device, args.work / "val", *full)}  # fmt: skip
     if args.holdout is not None:
         kept = [folder for folder in data if Path(folder).name != args.holdout]
         run_dir = args.work / f"without-{args.holdout}"
         if not (run_dir / "best.pt").is_file():
             cyborg("train", *kept, *common, "--seed", str(seeds[0]), "--out", str(run_dir))
-        cyborg("evaluate", str(run_dir / "best.pt"), *data, "--heatmaps", str(maps), "--split", "val", "--perturb", "clean",
-               "--device", args.device, "--out", str(run_dir / "val"))  # fmt: skip
-        held = json.loads((run_dir / "val" / "results.json").read_text())
-        summary["holdout"] = {"folder": args.holdout, "val_auc": held["auc"],
-                              "per_source_auc": {s: row["auc"] for s, row in held["per_source"].items()}}  # fmt: skip
+        summary["holdout"] = {"folder": args.holdout,
+                              **validation_figures(run_dir / "best.pt", data, maps, args.device, run_dir / "val", "--perturb", "clean")}  # fmt: skip
     export(model, args.version, args)
     if args.student_version and len(members) > 1:
         student = args.work / "student"
         if not (student / "best.pt").is_file():
             cyborg("train", *data, "--heatmaps", str(maps), *recipe_with({**STUDENT, "--weights": str(members[-1])}), *GUIDANCE,
                    "--device", args.device, "--teacher", str(model), *DISTILL, "--seed", str(seeds[-1]), "--out", str(student))  # fmt: skip
-        cyborg("evaluate", str(student / "best.pt"), *data, "--heatmaps", str(maps), "--split", "val", "--perturb", "all",
-               "--calibrate", args.calibrate, "--device", args.device, "--out", str(student / "val"))  # fmt: skip
-        taught = json.loads((student / "val" / "results.json").read_text())
-        summary["student"] = {"version": args.student_version, "val_auc": taught["auc"],
-                              "per_source_auc": {s: row["auc"] for s, row in taught["per_source"].items()}}  # fmt: skip
+        summary["student"] = {"version": args.student_version,
+                              **validation_figures(student / "best.pt", data, maps, args.device, student / "val", *full)}  # fmt: skip
         export(student / "best.pt", args.student_version, args)
     elapsed = time.monotonic() - started
     summary["seconds"] = round(elapsed)

@@ -243,7 +243,7 @@ def training_provenance(state: Checkpoint, config, checkpoint: Path) -> dict[str
         "seed": config.seed,
         "val_fraction": config.val_fraction,
         **({"ensemble": state.ensemble} if state.ensemble else {}),
-        **({"teacher": teacher_record(config)} if getattr(config, "teacher", None) else {}),
+        **({"teacher": teacher_record(config)} if config.teacher else {}),
     }
 
 
