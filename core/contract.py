@@ -54,6 +54,10 @@ NUM_CLASSES = len(CLASS_NAMES)
 RESIZE_METHOD = "bilinear"  # PIL.Image.Resampling.BILINEAR (antialiased)
 LEGACY_SCALE = 0  # "resize straight to H x W, no crop"
 
+# The numbers model.onnx computes in: "fp32", or "int8" (`cyborg export --precision int8`: a static
+# QDQ graph for CPUs, its calibration and operating points fitted on its own scores).
+PRECISIONS = ("fp32", "int8")
+
 SALIENCY_SOURCES = ("human", "proxy", "none")
 
 # Calibration and operating points (optional; the math is `core.thresholds`'). `calibration` maps the
@@ -104,6 +108,7 @@ class ModelContract:
     scale: int = LEGACY_SCALE  # shorter side in pixels before the centre crop; 0: resize straight to H x W
     calibration: dict[str, Any] | None = None  # {"method": "platt", "a": .., "b": ..}; None: probability = score
     operating_points: dict[str, Any] | None = None  # {"eer": t, "fpr1": t, "fpr5": t, "default": "fpr1"}; t on the probability
+    precision: str = "fp32"  # one of PRECISIONS: what model.onnx computes in
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -167,6 +172,8 @@ class ModelContract:
             problems.append(f"tensor names {self.input_name}/{self.output_names} (expected {INPUT_NAME}/{OUTPUT_NAMES})")
         if self.input_dtype != INPUT_DTYPE or self.input_layout != INPUT_LAYOUT:
             problems.append(f"input {self.input_dtype} {self.input_layout} (expected {INPUT_DTYPE} {INPUT_LAYOUT})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} (one of {', '.join(PRECISIONS)})")
         if self.calibration is not None:
             problems += calibration_problems(self.calibration)
         if self.operating_points is not None:

@@ -189,4 +189,8 @@ def load_backend(
         if TENSORRT_FILE not in contract.files:
             raise ContractError(f"{plan}: not listed (with a checksum) in model.json")
         return TensorRTBackend(plan, contract)
-    return OnnxRuntimeBackend(folder / ONNX_FILE, device=device, intra_op_threads=intra_op_threads)
+    engine = OnnxRuntimeBackend(folder / ONNX_FILE, device=device, intra_op_threads=intra_op_threads)
+    if contract.precision == "int8" and engine.device == "cuda":
+        log.warning("%s v%d is an int8 graph made for CPUs (cyborg export --precision int8); on CUDA it runs slower than "
+                    "fp32: serve an fp32 version on a GPU", contract.name, contract.version)  # fmt: skip
+    return engine

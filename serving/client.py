@@ -301,5 +301,6 @@ def model_info(info: pb.ModelInfo) -> dict[str, Any]:
     data["operating_points"] = {name: round(float(value), 6) for name, value in sorted(info.operating_points.items())}
     data["default_operating_point"] = info.default_operating_point
     data["calibration"] = info.calibration
+    data["precision"] = info.precision or "fp32"  # servers before the field said nothing: fp32
     data["contract"] = json.loads(info.contract_json) if info.contract_json else None
     return data

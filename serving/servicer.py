@@ -235,6 +235,7 @@ def model_info(model) -> pb.ModelInfo:
         operating_points=points or {LEGACY_POINT: contract.threshold},
         default_operating_point=default,
         calibration=(contract.calibration or {}).get("method", "none"),
+        precision=contract.precision,
     )
 
 

@@ -57,6 +57,7 @@ def test_round_trip_and_checksums(tmp_path):
         ({"operating_points": {"eer": 0.5, "default": "fpr1"}}, "operating_points.default"),
         ({"operating_points": {"eer": 1.5, "default": "eer"}}, "operating point 'eer'"),
         ({"operating_points": {"0.5": 0.5, "default": "0.5"}}, "read as a threshold"),
+        ({"precision": "fp16"}, r"precision 'fp16' \(one of fp32, int8\)"),
     ],
 )
 def test_validation_names_the_problem(changes, message):
@@ -75,6 +76,15 @@ def test_unknown_keys_and_bad_json_are_refused(tmp_path):
         c.read_contract(tmp_path, verify=False)
     with pytest.raises(c.ContractError, match="no model.json"):
         c.read_contract(tmp_path / "absent")
+
+
+def test_precision_is_fp32_unless_written(tmp_path):
+    data = dataclasses.asdict(make_contract())
+    del data["precision"]  # a model.json from before the field
+    (tmp_path / c.CONTRACT_FILE).write_text(json.dumps(data))
+    assert c.read_contract(tmp_path, verify=False).precision == "fp32"
+    c.write_contract(tmp_path, make_contract(precision="int8"))
+    assert c.read_contract(tmp_path, verify=False).precision == "int8"
 
 
 def test_calibration_and_operating_points_are_optional_and_round_trip(tmp_path):

@@ -331,7 +331,11 @@ def test_bad_checkpoints_are_refused(exported, tmp_path, capsys, damage, message
     (["--name", "det", "--version", "1", "--threshold", "1.5"], "in [0, 1]"),
     (["--name", "det", "--version", "0"], "--version"),
     (["--name", "a/b", "--version", "1"], "--name"),
-    (["--name", "det", "--version", "1", "--bench"], "--int8"),
+    (["--name", "det", "--version", "1", "--bench"], "--bench compares fp32 and int8: add --int8 or --precision int8"),
+    (["--name", "det", "--version", "1", "--precision", "int8", "--int8"], "--precision int8 makes model.onnx the int8 graph: pass one"),
+    (["--name", "det", "--version", "1", "--precision", "int8", "--tensorrt"], "--tensorrt builds its engine from the fp32 graph"),
+    (["--name", "det", "--version", "1", "--calibration-data", "x"], "--calibration-data only applies with --int8 or --precision int8"),
+    (["--name", "det", "--version", "1", "--precision", "fp16"], "--precision 'fp16': one of fp32, int8"),
     (["--name", "det", "--version", "1", "--calibrate", "isotonic"], "--calibrate"),
     (["--name", "det", "--version", "1", "--points-under", "jpeg30,jpeg10"],
      "--points-under 'jpeg30,jpeg10': unknown perturbation(s) jpeg10; choose from clean, jpeg90, jpeg70"),
@@ -481,3 +485,84 @@ def test_points_under_needs_validation_images_of_both_classes(tmp_path):
     missing = as_checkpoint({"val_predictions": {"paths": gone, "labels": [0, 1], "scores": [0.2, 0.9]}})
     with pytest.raises(UserError, match=r"--points-under clean,jpeg30,blur2 scores .* 2 of 2 of them are missing here \(first: .*gone-real"):
         validation_under_changes(missing, None, changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# --precision int8: model.onnx is the int8 graph, scored on its own
+
+
+@pytest.fixture(scope="module")
+def exported_int8(exported, tmp_path_factory):
+    """The `exported` checkpoint through `--precision int8`, points fitted under blur1: (version folder, checkpoint)."""
+    repo = tmp_path_factory.mktemp("int8") / "models"
+    assert export(exported[1], "--repository", repo, "--name", "det", "--version", 2, "--precision", "int8",
+                  "--calibration-images", 8, "--points-under", "blur1") == 0  # fmt: skip
+    return repo / "det" / "2", exported[1]
+
+
+def test_precision_int8_makes_model_onnx_the_int8_graph(exported, exported_int8):
+    import onnx
+
+    version, _ = exported_int8
+    contract = c.read_contract(version, verify=True)
+    assert sorted(p.name for p in version.iterdir()) == sorted([c.ONNX_FILE, c.CONTRACT_FILE, c.TRITON_CONFIG_FILE])
+    assert contract.precision == "int8" and c.read_contract(exported[0] / "det" / "1").precision == "fp32"
+    graph = onnx.load(str(version / c.ONNX_FILE)).graph
+    assert sum(node.op_type == "QuantizeLinear" for node in graph.node) > 0
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
+    info = contract.metrics["int8"]
+    assert info["file"] == c.ONNX_FILE and info["calibration_images"] == 8 and info["evaluation_images"] == N_VAL
+    assert len(info["fp32_sha256"]) == 64 and info["fp32_sha256"] != contract.files[c.ONNX_FILE]
+
+
+def test_precision_int8_fits_scoring_on_its_own_scores(exported_int8):
+    from core.images import read_image, to_model_input
+    from core.thresholds import log_loss
+    from training.onnx_export import ort_session, run_onnx
+    from training.perturb import PERTURBATIONS
+
+    version, checkpoint = exported_int8
+    contract = c.read_contract(version)
+    predictions = load_checkpoint(checkpoint)["val_predictions"]
+    labels = np.array(predictions["labels"])
+    session = ort_session(version / c.ONNX_FILE)
+
+    def scores(change: str) -> np.ndarray:
+        images = np.stack([to_model_input(PERTURBATIONS[change](read_image(p)), SIZE, SIZE) for p in predictions["paths"]])
+        return run_onnx(session, images)[c.SCORE_OUTPUT].astype(np.float64)
+
+    clean, blurred = scores("clean"), scores("blur1")
+    assert np.abs(clean - np.array(predictions["scores"])).max() > 1e-6  # not the fp32 graph's scores
+    report = contract.metrics["calibration"]
+    assert report["validation_images"] == N_VAL and report["log_loss_before"] == pytest.approx(log_loss(labels, clean), abs=1e-7)
+    point = contract.metrics["operating_points"][contract.operating_points["default"]]
+    assert point["fitted_under"] == ["clean", "blur1"] and point["validation_images"] == 2 * N_VAL
+    pooled_labels, pooled = np.r_[labels, labels], np.r_[clean, blurred]
+    called = pooled >= contract.threshold - 1e-6
+    assert point["fpr"] == pytest.approx(called[pooled_labels == 0].mean()) and point["tpr"] == pytest.approx(called[pooled_labels == 1].mean())
+
+
+def test_server_serves_the_int8_version_and_says_so(exported_int8):
+    from core.images import read_image, to_model_input
+    from serving.client import DetectorClient
+    from training.onnx_export import ort_session, run_onnx
+    from tests.serving_fixtures import RunningServer
+
+    version, checkpoint = exported_int8
+    path = load_checkpoint(checkpoint)["val_predictions"]["paths"][0]
+    expected = run_onnx(ort_session(version / c.ONNX_FILE), to_model_input(read_image(path), SIZE, SIZE)[None])[c.SCORE_OUTPUT][0]
+    with RunningServer(version.parent.parent) as server, DetectorClient(server.address, timeout=30) as client:
+        info = client.get_model("det")
+        assert (info["precision"], info["version"], info["contract"]["precision"]) == ("int8", 2, "int8")
+        assert client.detect(path).score == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_precision_int8_needs_the_validation_images(exported, tmp_path, capsys):
+    state = load_checkpoint(exported[1])
+    state.pop("format")
+    state["val_predictions"]["paths"] = [str(tmp_path / f"gone-{i}.png") for i in range(N_VAL)]
+    checkpoint = tmp_path / "moved.pt"
+    save_checkpoint(state, checkpoint)
+    assert export(checkpoint, "--repository", tmp_path / "models", "--name", "det", "--version", 1, "--precision", "int8") == 2
+    assert "--precision int8 fits the calibration and operating points on the int8 graph's own scores" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "det" / "1").exists()

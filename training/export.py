@@ -8,6 +8,9 @@ so a failure at any step leaves the repository as it was. Layout (Triton's model
     <repo>/<name>/<version>/model.json    the contract serving reads (sha256 of every file below)
     <repo>/<name>/<version>/config.pbtxt  the same config, kept with the version it describes
     <repo>/<name>/<version>/model.int8.onnx, model.plan   with --int8, --tensorrt
+
+With --precision int8, model.onnx is the statically quantised graph itself (training.quantize) and
+the calibration and operating points are fitted on its own validation scores.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ class ExportRequest:
     repository: Path
     name: str
     version: int
-    int8: bool = False
+    int8: bool = False  # also write model.int8.onnx beside the fp32 model.onnx
+    precision: str = "fp32"  # what model.onnx computes in (core.contract.PRECISIONS)
     tensorrt: bool = False
     force: bool = False
     calibration_data: Path | None = None
@@ -76,15 +80,23 @@ class ExportRequest:
             raise UserError(f"--name {self.name!r}: use a plain folder name (no '/', not starting with '.')")
         if self.version < 1:
             raise UserError(f"--version {self.version}: must be a positive integer (Triton's version folders)")
-        if self.calibration_data is not None and not self.int8:
-            raise UserError("--calibration-data only applies with --int8")
+        if self.precision not in c.PRECISIONS:
+            raise UserError(f"--precision {self.precision!r}: one of {', '.join(c.PRECISIONS)}")
+        quantised = self.int8 or self.precision == "int8"
+        if self.int8 and self.precision == "int8":
+            raise UserError("--int8 writes model.int8.onnx beside an fp32 model.onnx; --precision int8 makes model.onnx "
+                            "the int8 graph: pass one of them")  # fmt: skip
+        if self.tensorrt and self.precision == "int8":
+            raise UserError("--tensorrt builds its engine from the fp32 graph: export with --precision fp32 (the default)")
+        if self.calibration_data is not None and not quantised:
+            raise UserError("--calibration-data only applies with --int8 or --precision int8")
         if self.calibrate not in CALIBRATION_CHOICES:
             raise UserError(f"--calibrate {self.calibrate!r}: one of {', '.join(CALIBRATION_CHOICES)}")
         fixed_threshold(point_rule(self.threshold))  # a bad rule is refused before any work
         if self.calibration_images < 1:
             raise UserError(f"--calibration-images {self.calibration_images}: must be at least 1")
-        if self.bench and not self.int8:
-            raise UserError("--bench compares fp32 and int8: add --int8")
+        if self.bench and not quantised:
+            raise UserError("--bench compares fp32 and int8: add --int8 or --precision int8")
         if len(self.changes) > 1:
             from training.distributed import resolve_device
 
@@ -138,10 +150,10 @@ def choose_scoring(rule: str, method: str, state: Checkpoint | dict[str, Any],
     the checkpoint's validation predictions, `rule` naming the default point; a checkpoint without
     predictions of both classes gets the threshold alone, as model.json had before calibration.
 
-    With `under` ({change: (labels, raw scores)} of the validation images, "clean" among them:
-    `validation_under_changes`), the calibration is still fitted on the clean predictions, and the
-    operating points on all of `under` pooled (`fit_pooled_operating_points`)."""
-    labels, scores = as_checkpoint(state).val_predictions.labelled_scores()
+    With `under` ({change: (labels, raw scores)} of the validation images, "clean" first:
+    `validation_under_changes`, or the int8 graph's `quantize_as_model`), the calibration is fitted
+    on under["clean"] and the operating points on all of `under` pooled (`fit_pooled_operating_points`)."""
+    labels, scores = under["clean"] if under else as_checkpoint(state).val_predictions.labelled_scores()
     if labels is None or len(set(labels.tolist())) < 2:
         if method not in ("auto", "none"):
             raise UserError(f"--calibrate {method}: the checkpoint has no validation predictions with both classes")
@@ -265,8 +277,10 @@ def export_checkpoint(request: ExportRequest) -> Path:
         raise UserError(f"{request.target}: version exists; pass --force to replace it")
     state, model, config = load_model(request.checkpoint)
     changes = request.changes
-    under = validation_under_changes(state, model, changes, request.device) if len(changes) > 1 else None
-    scoring = choose_scoring(request.threshold, request.calibrate, state, under)
+    scoring = None  # --precision int8: fitted on the int8 graph's scores, once it exists (build_version)
+    if request.precision == "fp32":
+        under = validation_under_changes(state, model, changes, request.device) if len(changes) > 1 else None
+        scoring = choose_scoring(request.threshold, request.calibrate, state, under)
     model_dir = request.repository / request.name
     new_model_dir = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +297,8 @@ def export_checkpoint(request: ExportRequest) -> Path:
             model_dir.rmdir()
         raise
     replace_file(request.target / c.TRITON_CONFIG_FILE, model_dir / c.TRITON_CONFIG_FILE)
-    log.info("exported %s v%d to %s (threshold %.4f)", contract.name, contract.version, request.target, scoring.threshold)
+    log.info("exported %s v%d (%s) to %s (threshold %.4f)", contract.name, contract.version, contract.precision,
+             request.target, contract.threshold)  # fmt: skip
     return request.target
 
 
@@ -293,10 +308,11 @@ def build_version(
     state: Checkpoint,
     model,
     config,
-    scoring: Scoring,
+    scoring: Scoring | None,
     folder: Path,
 ) -> c.ModelContract:
-    """Write every file of one version into `folder` and return its contract."""
+    """Write every file of one version into `folder` and return its contract (`scoring` None: fitted
+    here on the int8 graph's scores, --precision int8)."""
     size = int(state.image_size)
     paths, _ = state.val_predictions.existing_images()
     if not paths:
@@ -304,6 +320,17 @@ def build_version(
     graph = export_graph(model, folder, size, paths, state.input_scale)
     if state.cam_grid and tuple(state.cam_grid) != graph.cam_grid:
         log.warning("checkpoint says CAM grid %s but the model gives %s; using the model's", state.cam_grid, graph.cam_grid)
+    quantised: dict[str, Any] = {}
+    if request.int8:
+        from training.quantize import quantize_checkpoint_model
+
+        quantised = quantize_checkpoint_model(request, state, folder, size, with_bench=request.bench)
+    elif request.precision == "int8":
+        from training.quantize import quantize_as_model
+
+        quantised, under = quantize_as_model(request, state, folder, size)
+        scoring = choose_scoring(request.threshold, request.calibrate, state, under)
+    assert scoring is not None, "an fp32 export fits its scoring before the graph"
     contract = c.ModelContract(
         name=request.name,
         version=request.version,
@@ -319,13 +346,12 @@ def build_version(
         calibration=scoring.calibration,
         operating_points=scoring.operating_points,
         training=jsonable(training_provenance(state, config, request.checkpoint)),
+        precision=request.precision,
         created=c.utc_now(),
     )
     metrics: dict[str, Any] = {"validation": state.val_metrics, "threshold": scoring.threshold_info, **scoring.metrics, "export": graph.figures}
-    if request.int8:
-        from training.quantize import quantize_checkpoint_model
-
-        metrics["int8"] = quantize_checkpoint_model(request, state, folder, size, with_bench=request.bench)
+    if quantised:
+        metrics["int8"] = quantised
     if request.tensorrt:
         from training.tensorrt import build_and_check
 

@@ -4,6 +4,11 @@ Calibration images come from the checkpoint's validation split (or --calibration
 through core.images exactly as in training. The CAM head (everything after the backbone's
 last feature map) stays in fp32 so the explanation keeps as much of its accuracy as the features
 allow; the measured differences are written to model.json.
+
+Two uses: `--int8` writes model.int8.onnx beside the fp32 model.onnx (a side file for the
+user's own runtime); `--precision int8` makes the int8 graph the version's model.onnx, the one
+every server runs, with its calibration and operating points fitted on its own validation scores
+(`quantize_as_model`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 
 from core import contract as c
 from core.errors import UserError
-from core.images import image_files, load_images, load_labelled_images, spread
+from core.images import image_files, load_images, load_labelled_images, read_image, spread, to_model_input
 from training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -170,6 +175,37 @@ def quantize_checkpoint_model(request, state: Checkpoint, folder: Path, size: in
         result["bench"] = benchmark(fp32_path, int8_path, eval_images)
         print_figures(result, result["bench"])
     return result
+
+
+def graph_scores_under(path: Path, samples: list, changes: list, size: int, scale: int,
+                       batch: int = BENCH_BATCH) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """{change name: (labels, scores)} of the ONNX graph at `path` on `samples` (`training.data.Sample`s)
+    under each of `changes` (`training.perturb`), each image decoded, changed and prepared as
+    `cyborg evaluate --perturb` does, in the samples' order."""
+    from training.onnx_export import ort_session
+
+    session, labels = ort_session(path), np.asarray([sample.label for sample in samples], dtype=np.int64)
+    originals = [read_image(sample.path) for sample in samples]
+    found = {}
+    for change in changes:
+        log.info("scoring the int8 graph under %s", change.name)
+        images = np.stack([to_model_input(change(image), size, size, scale) for image in originals])
+        found[change.name] = (labels, score_all(session, images, batch)[c.SCORE_OUTPUT].astype(np.float64))
+    return found
+
+
+def quantize_as_model(request, state: Checkpoint, folder: Path, size: int) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """`--precision int8`: quantise folder/model.onnx and put the int8 graph in its place; return
+    (model.json's metrics["int8"], the int8 graph's validation scores under `request.changes`, "clean"
+    first: what its calibration and operating points are fitted on)."""
+    samples = state.val_predictions.samples("--precision int8 fits the calibration and operating points on the int8 "
+                                            "graph's own scores of the checkpoint's validation images")  # fmt: skip
+    figures = quantize_checkpoint_model(request, state, folder, size, with_bench=request.bench)
+    fp32_path, int8_path = folder / c.ONNX_FILE, folder / c.INT8_ONNX_FILE
+    under = graph_scores_under(int8_path, samples, request.changes, size, state.input_scale)
+    figures.update(file=c.ONNX_FILE, fp32_sha256=c.sha256_file(fp32_path))
+    os.replace(int8_path, fp32_path)
+    return figures, under
 
 
 def print_figures(result: dict[str, Any], figures: dict[str, Any]) -> None:

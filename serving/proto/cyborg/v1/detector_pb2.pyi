@@ -228,7 +228,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "input_height", "input_width", "cam_height", "cam_width", "threshold", "saliency", "backend", "device", "contract_json", "operating_points", "default_operating_point", "calibration")
+    __slots__ = ("name", "version", "architecture", "input_height", "input_width", "cam_height", "cam_width", "threshold", "saliency", "backend", "device", "contract_json", "operating_points", "default_operating_point", "calibration", "precision")
     class OperatingPointsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +251,7 @@ class ModelInfo(_message.Message):
     OPERATING_POINTS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     architecture: str
@@ -266,4 +267,5 @@ class ModelInfo(_message.Message):
     operating_points: _containers.ScalarMap[str, float]
     default_operating_point: str
     calibration: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., architecture: _Optional[str] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., cam_height: _Optional[int] = ..., cam_width: _Optional[int] = ..., threshold: _Optional[float] = ..., saliency: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., contract_json: _Optional[str] = ..., operating_points: _Optional[_Mapping[str, float]] = ..., default_operating_point: _Optional[str] = ..., calibration: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., architecture: _Optional[str] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., cam_height: _Optional[int] = ..., cam_width: _Optional[int] = ..., threshold: _Optional[float] = ..., saliency: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., contract_json: _Optional[str] = ..., operating_points: _Optional[_Mapping[str, float]] = ..., default_operating_point: _Optional[str] = ..., calibration: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
