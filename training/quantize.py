@@ -137,7 +137,7 @@ def evaluate_int8(fp32_path: Path, int8_path: Path, images: np.ndarray, labels: 
         "the int8 CAM meets the fp32 contract's 5e-4 tolerance"
         if diffs[c.CAM_OUTPUT] <= 5e-4
         else f"the int8 CAM is approximate (max {diffs[c.CAM_OUTPUT]:.3f}, mean {cam_mean:.4f} from fp32): "
-        "use model.onnx where exact explanations matter"
+        "use an fp32 model where exact explanations matter"
     )
     return result
 
