@@ -24,7 +24,7 @@ serve: setup
 
 # Retrain and re-export the embedded default model (v7: two CYBORG runs on the whole 256-px face, seeds 0 and 1,
 # averaged; v8: the same in int8) from scratch on CPU, about 2.5 hours on 2 cores (deterministic for SEED, the validation split's seed);
-# `python scripts/default_model.py --members 1 --version 6` is v6, one run, about 70 minutes.
+# `python scripts/default_model.py --members 1 --version 6 --int8-version 0` is v6, one run, about 70 minutes.
 # DATA holds faces/, sd21-faces/ and portraits/ (../shared/data/README.md); it prints its own running time.
 DATA ?= ../shared/data
 SEED ?= 0

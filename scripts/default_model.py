@@ -17,7 +17,7 @@ resized photos too); the same model again as an int8 version (`--int8-version`, 
 export --precision int8`, calibrated on 64 training images, its operating points fitted on its own
 scores; twice the CPU throughput). With --student-version N, one network more is taught by the ensemble (`cyborg
 train --teacher`: the last member's weights fine-tuned for 5 epochs with the ensemble's softened
-scores beside the labels), evaluated and exported as version N: tried for v8, not shipped (its AUC
+scores beside the labels), evaluated and exported as version N: tried, not shipped (its AUC
 rose, its true-positive rate at the default 1 % false-positive point fell; docs/model-card.md).
 With --holdout SOURCE_FOLDER, one more run of the first member's recipe without that folder is
 evaluated on it: what to expect from a generator family the model never saw.
