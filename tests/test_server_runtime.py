@@ -52,6 +52,28 @@ def test_wrong_graph_and_unavailable_tensorrt_are_refused(tmp_path):
         load_backend(folder, c.read_contract(folder), backend="tensorrt")
 
 
+def test_an_int8_version_on_cuda_is_served_with_a_warning(tmp_path, monkeypatch, caplog):
+    """An int8 graph (cyborg export --precision int8) runs slower than fp32 on ONNX Runtime's CUDA
+    provider: loading one on a GPU warns and names the fix; on the CPU, or fp32 on CUDA, nothing."""
+    import dataclasses
+    import logging
+
+    folder = write_model_version(tmp_path, "tiny", 1)
+    fp32 = c.read_contract(folder)
+    int8 = dataclasses.replace(fp32, precision="int8")
+    caplog.set_level(logging.WARNING, logger="engines.runtime")
+    load_backend(folder, int8, device="cpu", intra_op_threads=1)
+    assert caplog.records == []
+    monkeypatch.setattr(OnnxRuntimeBackend, "__init__", lambda self, *args, **kwargs: setattr(self, "device", "cuda"))
+    load_backend(folder, fp32, device="cuda")
+    assert caplog.records == []
+    load_backend(folder, int8, device="cuda")
+    assert [r.getMessage() for r in caplog.records] == [
+        "tiny v1 is an int8 graph made for CPUs (cyborg export --precision int8); on CUDA it runs slower than fp32: "
+        "serve an fp32 version on a GPU"
+    ]
+
+
 @pytest.mark.skipif(not tensorrt_available() or NO_GPU, reason="needs the tensorrt and cuda-python packages and a CUDA GPU")
 def test_tensorrt_plan_matches_onnxruntime(tmp_path):  # pragma: no cover - no GPU in CI
     import tensorrt as trt
