@@ -188,7 +188,7 @@ def graph_scores_under(path: Path, samples: list, changes: list, size: int, scal
     originals = [read_image(sample.path) for sample in samples]
     found = {}
     for change in changes:
-        log.info("scoring the int8 graph under %s", change.name)
+        log.info("scoring %s under %s", path.name, change.name)
         images = np.stack([to_model_input(change(image), size, size, scale) for image in originals])
         found[change.name] = (labels, score_all(session, images, batch)[c.SCORE_OUTPUT].astype(np.float64))
     return found
