@@ -252,7 +252,8 @@ def measure(address: str, paths: Sequence[str], model: str, versions: Sequence[i
             contract = served_contract(client, name, version, address)
             points, default = operating_points(contract)
             results = score_photos(client, paths, name, version, address)
-            report["versions"][str(version)] = {"architecture": contract.architecture, "calibration": contract.calibration,
+            report["versions"][str(version)] = {"architecture": contract.architecture, "precision": contract.precision,
+                                                "calibration": contract.calibration,
                                                 **version_report(results, points, default, show)}  # fmt: skip
     return report
 
@@ -298,7 +299,7 @@ def format_report(report: dict[str, Any]) -> str:
         skipped = ", ".join(f"{count} {status}" for status, count in row["faces_not_scored"].items())
         lines += [
             "",
-            f"{report['model']} v{version} ({row['architecture']}): {row['images']} images, {row['images_no_face']} with no face found, "
+            f"{report['model']} v{version} ({row['architecture']}, {row['precision']}): {row['images']} images, {row['images_no_face']} with no face found, "
             f"{row['images_faces_too_small']} with faces too small, {row['images_failed']} failed; {row['faces_scored']} faces scored"
             + (f" (not scored: {skipped})" if skipped else ""),
             f"  {'point':<8}{'threshold':>10}{'called fake':>14}{'share':>8}  {'95 % interval':<18}{'photos flagged':>15}",

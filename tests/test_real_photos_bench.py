@@ -207,6 +207,7 @@ def test_benchmark_reports_what_the_client_sees(server, photos, tmp_path, capsys
             results = {path: client.detect(path, version=version, input_kind="photo") for path in paths}
             faces = [(path, i, f) for path, r in results.items() for i, f in enumerate(r.faces) if f["status"] == "scored"]
             probabilities = np.array([f["probability"] for _, _, f in faces])
+            assert row["precision"] == "fp32" and f"tiny v{version} ({row['architecture']}, fp32)" in table
             assert row["images"] == 4 and row["images_no_face"] == sum(r.status == "no_face" for r in results.values()) == 1
             assert row["faces_scored"] == len(faces) == 7 and row["images_failed"] == 0
             assert {name: p["threshold"] for name, p in row["operating_points"].items()} == pytest.approx(points)
