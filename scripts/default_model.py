@@ -191,15 +191,15 @@ def main() -> int:
         if not (run_dir / "best.pt").is_file() or not (run_dir / "metrics.jsonl").is_file():
             cyborg("train", *data, *common, "--seed", str(seed), "--out", str(run_dir))
         members.append(run_dir / "best.pt")
-    model = members[0]
+    model, finetune = members[0], None
     if len(members) > 1:
         model = args.work / "ensemble.pt"
         cyborg("ensemble", *map(str, members), "--out", str(model), "--device", args.device)
         if args.finetune_epochs > 0:
             model = finetuned_ensemble(members, seeds, model, data, maps, args)
+            finetune = {"recipe": {**FINETUNE, "--epochs": str(args.finetune_epochs)}, "distill": DISTILL}
     full = ["--perturb", "all", "--calibrate", args.calibrate]  # the model card's figures: robustness and calibration
-    summary = {"members": seeds, "split_seed": args.seed, "recipe": RECIPE + GUIDANCE, "model": str(model),
-               "finetune": {"recipe": {**FINETUNE, "--epochs": str(args.finetune_epochs)}, "distill": DISTILL} if len(members) > 1 and args.finetune_epochs > 0 else None,
+    summary = {"members": seeds, "split_seed": args.seed, "recipe": RECIPE + GUIDANCE, "model": str(model), "finetune": finetune,
                **validation_figures(model, data, maps, args.device, args.work / "val", *full)}  # fmt: skip
     if args.holdout is not None:
         kept = [folder for folder in data if Path(folder).name != args.holdout]
