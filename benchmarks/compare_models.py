@@ -11,7 +11,12 @@ so a version trained on other images may have seen some of them: say so when rea
 Prints AUC overall and per source for every perturbation, ECE of the calibrated probability, the
 share of real images called fake at each version's default operating point, and images/s (ONNX
 Runtime CPU, batch 32: the median of --rounds rounds in which the versions take turns, after a
-warm-up pass, so the ratios between versions hold on a loaded machine).
+warm-up pass, so the ratios between versions hold on a loaded machine). With --heatmaps (the maps
+folder `cyborg train` reads), also how well each version's clean CAM agrees with the maps
+(`training.evaluate.cam_agreement`, what `cyborg evaluate` reports for a checkpoint): each map is
+brought onto the picture, cut to the region the server feeds the model (`core.images.input_region`)
+and reduced to that version's CAM grid, so an int8 or re-exported version's explanations are
+measured from the repository alone.
 """
 
 from __future__ import annotations
@@ -24,22 +29,40 @@ from pathlib import Path
 import numpy as np
 
 from core import contract as c
-from core.images import prepare, read_image
+from core.images import input_region, prepare, read_image
 from core.thresholds import Calibration, expected_calibration_error
 from engines.runtime import OnnxRuntimeBackend
 from training.data import discover, split_samples
-from training.evaluate import binary_metrics, per_source_metrics
+from training.evaluate import binary_metrics, cam_agreement, per_source_metrics
 from training.perturb import parse_perturbations
+from training.saliency import load_map, prepare_map
 
 BATCH = 32
 
 
-def score(backend: OnnxRuntimeBackend, images: np.ndarray) -> np.ndarray:
-    return np.concatenate([backend.run(images[i : i + BATCH])[c.SCORE_OUTPUT] for i in range(0, len(images), BATCH)])
+def run(backend: OnnxRuntimeBackend, images: np.ndarray, output: str = c.SCORE_OUTPUT) -> np.ndarray:
+    """One output of the model (the score by default) for all `images`, BATCH at a time."""
+    return np.concatenate([backend.run(images[i : i + BATCH])[output] for i in range(0, len(images), BATCH)])
 
 
-def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float, perturb: str, rounds: int = 5) -> dict:
-    samples = split_samples(discover(data if len(data) > 1 else data[0]), val_fraction, seed)["val"]
+def maps_on_grid(samples: list, pictures: list, contract: c.ModelContract) -> tuple[np.ndarray, np.ndarray]:
+    """(maps [N, h, w] on the contract's CAM grid, has_map [N]): each sample's map stretched over its
+    picture, cut to the picture's model-input region and reduced as training reduces maps."""
+    from PIL import Image
+
+    grid = (contract.cam_height, contract.cam_width)
+    maps = np.zeros((len(samples), *grid), dtype=np.float32)
+    has_map = np.array([sample.map_path is not None for sample in samples])
+    for i, (sample, picture) in enumerate(zip(samples, pictures)):
+        if sample.map_path is not None:
+            stretched = Image.fromarray(load_map(sample.map_path), mode="F").resize(picture.size, Image.Resampling.BILINEAR)
+            maps[i] = prepare_map(np.asarray(stretched.crop(input_region(picture.size, contract))), grid)
+    return maps, has_map
+
+
+def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float, perturb: str, rounds: int = 5,
+            heatmaps: str | None = None) -> dict:  # fmt: skip
+    samples = split_samples(discover(data if len(data) > 1 else data[0], heatmaps=heatmaps), val_fraction, seed)["val"]
     labels = np.array([s.label for s in samples])
     sources = [s.source for s in samples]
     decoded = [read_image(s.path) for s in samples]
@@ -52,7 +75,7 @@ def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float
         rows = {}
         for perturbation in parse_perturbations(perturb):
             images = np.stack([prepare(perturbation(image), contract) for image in decoded])
-            scores = score(backend, images)
+            scores = run(backend, images)
             metrics = binary_metrics(labels, scores, contract.threshold)
             per_source = per_source_metrics(labels, scores, sources, contract.threshold)
             rows[perturbation.name] = {
@@ -65,6 +88,9 @@ def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float
             }  # fmt: skip
             if perturbation.name == "clean":
                 rows["clean"]["ece_probability"] = expected_calibration_error(labels, calibration.apply(scores))
+                if heatmaps is not None:
+                    maps, has_map = maps_on_grid(samples, decoded, contract)
+                    rows["clean"]["cam_agreement"] = cam_agreement(run(backend, images, c.CAM_OUTPUT), maps, has_map, labels)
                 timed.append((rows["clean"], backend, images))
         report["models"][f"{contract.name} v{contract.version}"] = rows
     for row, rate in zip((row for row, _, _ in timed), images_per_second([(b, i) for _, b, i in timed], rounds)):
@@ -81,7 +107,7 @@ def images_per_second(models: list[tuple[OnnxRuntimeBackend, np.ndarray]], round
     for _ in range(rounds):
         for rate, (backend, images) in zip(rates, models):
             started = time.perf_counter()
-            score(backend, images)
+            run(backend, images)
             rate.append(len(images) / (time.perf_counter() - started))
     return [float(np.median(rate)) for rate in rates]
 
@@ -94,13 +120,18 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--perturb", default="clean")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds for images/s (default 5)")
+    parser.add_argument("--heatmaps", help="saliency maps folder: also report the clean CAMs' agreement with them")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
-    report = compare(args.versions, args.data, args.seed, args.val_fraction, args.perturb, args.rounds)
+    report = compare(args.versions, args.data, args.seed, args.val_fraction, args.perturb, args.rounds, args.heatmaps)
     for name, rows in report["models"].items():
         clean = rows["clean"]
         print(f"{name}: {report['images']} images; clean AUC {clean['auc']:.4f}, ECE {clean['ece_probability']:.4f}, "
               f"reals called fake {clean['fpr_at_default']:.3f}, {clean['images_per_s']:.1f} images/s")  # fmt: skip
+        if clean.get("cam_agreement"):
+            agreement = clean["cam_agreement"]
+            print(f"  CAM against the maps ({agreement['n_maps']} images): Pearson {agreement['pearson']:.4f}, "
+                  f"mass in the map's top {agreement['top_fraction']:.0%} {agreement['mass_in_top_region']:.4f}")  # fmt: skip
         sources = sorted(clean["per_source_auc"])
         print(f"  {'change':<12}{'AUC':>8}" + "".join(f"{s:>18}" for s in sources))
         for change, row in rows.items():
