@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from core import contract as c
+from core.errors import UserError
 from core.images import input_region, prepare, read_image
 from core.thresholds import Calibration, expected_calibration_error
 from engines.runtime import OnnxRuntimeBackend
@@ -40,24 +42,30 @@ from training.saliency import load_map, prepare_map
 BATCH = 32
 
 
-def run(backend: OnnxRuntimeBackend, images: np.ndarray, output: str = c.SCORE_OUTPUT) -> np.ndarray:
-    """One output of the model (the score by default) for all `images`, BATCH at a time."""
-    return np.concatenate([backend.run(images[i : i + BATCH])[output] for i in range(0, len(images), BATCH)])
+def run(backend: OnnxRuntimeBackend, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of the model for all `images`, BATCH at a time."""
+    parts = [backend.run(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
-def maps_on_grid(samples: list, pictures: list, contract: c.ModelContract) -> tuple[np.ndarray, np.ndarray]:
-    """(maps [N, h, w] on the contract's CAM grid, has_map [N]): each sample's map stretched over its
-    picture, cut to the picture's model-input region and reduced as training reduces maps."""
+def stretched_maps(samples: list, pictures: list) -> list:
+    """Each sample's map as a float PIL image stretched over its picture (None where it has none)."""
     from PIL import Image
 
+    return [None if sample.map_path is None else
+            Image.fromarray(load_map(sample.map_path), mode="F").resize(picture.size, Image.Resampling.BILINEAR)
+            for sample, picture in zip(samples, pictures)]  # fmt: skip
+
+
+def maps_on_grid(stretched: list, contract: c.ModelContract) -> tuple[np.ndarray, np.ndarray]:
+    """(maps [N, h, w] on the contract's CAM grid, has_map [N]): each stretched map cut to its picture's
+    model-input region and reduced as training reduces maps."""
     grid = (contract.cam_height, contract.cam_width)
-    maps = np.zeros((len(samples), *grid), dtype=np.float32)
-    has_map = np.array([sample.map_path is not None for sample in samples])
-    for i, (sample, picture) in enumerate(zip(samples, pictures)):
-        if sample.map_path is not None:
-            stretched = Image.fromarray(load_map(sample.map_path), mode="F").resize(picture.size, Image.Resampling.BILINEAR)
-            maps[i] = prepare_map(np.asarray(stretched.crop(input_region(picture.size, contract))), grid)
-    return maps, has_map
+    maps = np.zeros((len(stretched), *grid), dtype=np.float32)
+    for i, full in enumerate(stretched):
+        if full is not None:
+            maps[i] = prepare_map(np.asarray(full.crop(input_region(full.size, contract))), grid)
+    return maps, np.array([full is not None for full in stretched])
 
 
 def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float, perturb: str, rounds: int = 5,
@@ -66,6 +74,7 @@ def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float
     labels = np.array([s.label for s in samples])
     sources = [s.source for s in samples]
     decoded = [read_image(s.path) for s in samples]
+    stretched = stretched_maps(samples, decoded) if heatmaps is not None else None
     report: dict = {"images": len(samples), "seed": seed, "val_fraction": val_fraction, "data": data, "models": {}}
     timed = []  # (clean row, backend, prepared clean images) of every version, timed together at the end
     for folder in folders:
@@ -75,7 +84,8 @@ def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float
         rows = {}
         for perturbation in parse_perturbations(perturb):
             images = np.stack([prepare(perturbation(image), contract) for image in decoded])
-            scores = run(backend, images)
+            outputs = run(backend, images)
+            scores = outputs[c.SCORE_OUTPUT]
             metrics = binary_metrics(labels, scores, contract.threshold)
             per_source = per_source_metrics(labels, scores, sources, contract.threshold)
             rows[perturbation.name] = {
@@ -88,9 +98,9 @@ def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float
             }  # fmt: skip
             if perturbation.name == "clean":
                 rows["clean"]["ece_probability"] = expected_calibration_error(labels, calibration.apply(scores))
-                if heatmaps is not None:
-                    maps, has_map = maps_on_grid(samples, decoded, contract)
-                    rows["clean"]["cam_agreement"] = cam_agreement(run(backend, images, c.CAM_OUTPUT), maps, has_map, labels)
+                if stretched is not None:
+                    maps, has_map = maps_on_grid(stretched, contract)
+                    rows["clean"]["cam_agreement"] = cam_agreement(outputs[c.CAM_OUTPUT], maps, has_map, labels)
                 timed.append((rows["clean"], backend, images))
         report["models"][f"{contract.name} v{contract.version}"] = rows
     for row, rate in zip((row for row, _, _ in timed), images_per_second([(b, i) for _, b, i in timed], rounds)):
@@ -112,7 +122,7 @@ def images_per_second(models: list[tuple[OnnxRuntimeBackend, np.ndarray]], round
     return [float(np.median(rate)) for rate in rates]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("versions", nargs="+", type=Path, help="model version folders (model.onnx + model.json)")
     parser.add_argument("--data", nargs="+", required=True)
@@ -122,8 +132,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds for images/s (default 5)")
     parser.add_argument("--heatmaps", help="saliency maps folder: also report the clean CAMs' agreement with them")
     parser.add_argument("--json", type=Path, help="also write the report here")
-    args = parser.parse_args()
-    report = compare(args.versions, args.data, args.seed, args.val_fraction, args.perturb, args.rounds, args.heatmaps)
+    args = parser.parse_args(argv)
+    try:
+        report = compare(args.versions, args.data, args.seed, args.val_fraction, args.perturb, args.rounds, args.heatmaps)
+    except UserError as error:
+        print(f"compare_models: error: {error}", file=sys.stderr)
+        return 2
     for name, rows in report["models"].items():
         clean = rows["clean"]
         print(f"{name}: {report['images']} images; clean AUC {clean['auc']:.4f}, ECE {clean['ece_probability']:.4f}, "
@@ -138,7 +152,8 @@ def main() -> None:
             print(f"  {change:<12}{row['auc']:>8.4f}" + "".join(f"{row['per_source_auc'].get(s) or float('nan'):>18.4f}" for s in sources))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.compare_models import compare
+from benchmarks.compare_models import compare, main
 from core import contract as c
 from core.images import prepare, read_image
 from engines.runtime import OnnxRuntimeBackend
@@ -89,3 +89,10 @@ def test_reports_auc_per_source_and_cam_agreement_on_each_versions_input_region(
 def test_without_heatmaps_no_cam_agreement(data, repository):
     report = compare([repository / "1"], [str(data)], SEED, VAL_FRACTION, "clean", rounds=1)
     assert "cam_agreement" not in report["models"]["tiny v1"]["clean"]
+
+
+def test_missing_heatmaps_folder_is_one_clear_line(data, repository, tmp_path, capsys):
+    missing = tmp_path / "no-maps"
+    assert main([str(repository / "1"), "--data", str(data), "--heatmaps", str(missing), "--rounds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"compare_models: error: --heatmaps {missing}: folder not found"
