@@ -120,6 +120,15 @@ class ModelContract:
     def cam_shape(self) -> tuple[int, int]:
         return (self.cam_height, self.cam_width)
 
+    @property
+    def fp32_source(self) -> str:
+        """For an int8 version, the sha256 of the fp32 model.onnx it was quantised from (as written
+        by `cyborg export --precision int8` under metrics.int8); "" for fp32 versions or when unrecorded."""
+        if self.precision != "int8":
+            return ""
+        record = self.metrics.get("int8")
+        return str(record.get("fp32_sha256", "")) if isinstance(record, dict) else ""
+
     def output_shapes(self, batch: int = -1) -> dict[str, tuple[int, ...]]:
         """Each output's shape for `batch` images (-1: a dynamic batch dimension)."""
         return output_shapes(batch, self.cam_shape)

@@ -4,7 +4,9 @@ Every model under the root is served at the versions its `VersionPolicy` selects
 `version_policy`): by default its newest version that loads (Triton's "latest 1"), else the N newest
 that load, all that load, or specific version numbers. A request for version 0 goes to the newest
 loaded version, or for the default model to its `default_version` while that one is loaded
-(`cyborg serve --default-version`; when it is not, the newest, with a warning each reload).
+(`cyborg serve --default-version`; when it is not, the newest, with a warning each reload). On a
+GPU, where the newest is an int8 graph (made for CPUs) and the fp32 version it was quantised from
+is served too, version 0 goes to that fp32 version.
 `reload()` rescans: a new or changed version is loaded and warmed off the event loop before it
 replaces the old one, which is unloaded once its in-flight requests finish; a version that fails
 (bad checksum, corrupt ONNX, bad model.json, wrong outputs) is logged, counted in
@@ -30,6 +32,7 @@ import numpy as np
 
 from serving.batcher import BULK_PIECE_DIVISOR, Batcher
 from core.contract import CONTRACT_FILE, ONNX_FILE, TENSORRT_FILE, ModelContract, read_contract
+from core.errors import ContractError
 from serving.errors import ModelNotFound, ModelNotReady, quote
 from serving.metrics import Metrics
 from engines.runtime import Backend, OnnxRuntimeBackend, load_backend
@@ -213,6 +216,7 @@ class ModelRepository:
         self._failed: dict[tuple[str, int], tuple[tuple, str]] = {}  # (name, version) -> (signature, error)
         self._known: dict[str, list[tuple[int, Path]]] = {}
         self._held: set[str] = set()  # models unloaded on request: reloads leave them unloaded
+        self._gpu_notes: dict[str, tuple[int, int] | None] = {}  # name -> (newest int8 on CUDA, its served fp32 source or 0), as last logged
         self._lock = asyncio.Lock()
         self._loaded_once = False
         self._poller: asyncio.Task | None = None
@@ -258,12 +262,14 @@ class ModelRepository:
 
     def default_version(self, name: str = "") -> int:
         """The version a request for `name` (empty: the default model) that names none gets: the
-        settings' `default_version` for the default model while it is loaded, else the newest loaded; 0 if none."""
+        settings' `default_version` for the default model while it is loaded, else the newest loaded (on
+        CUDA, the served fp32 source of a newest int8 version: `gpu_fp32_source`); 0 if none."""
         name = name or self.default_name
         versions = self._models.get(name, {})
         if name == self.default_name and self.settings.default_version in versions:
             return self.settings.default_version
-        return max(versions, default=0)
+        newest = max(versions, default=0)
+        return gpu_fp32_source(versions, newest) or newest
 
     def check_default_version(self) -> None:
         """At start-up: UserError naming `--default-version` and `--version-policy` when the default
@@ -300,6 +306,40 @@ class ModelRepository:
             log.warning("--default-version %s: %s: requests naming no version get v%s", self.settings.default_version, problem, self.default_version(name),
                         extra={"model": name, "version": self.settings.default_version})  # fmt: skip
 
+    def _note_gpu_defaults(self) -> None:
+        """Log, when it changes, that a model's versionless requests get the fp32 source of its
+        newest (int8) version on a GPU, or that the source would but is not served."""
+        for name in sorted(set(self._models) | set(self._gpu_notes)):
+            versions = self._models.get(name, {})
+            newest = max(versions, default=0)
+            source = gpu_fp32_source(versions, newest)
+            explicit = name == self.default_name and self.settings.default_version in versions
+            note = (newest, source) if versions and versions[newest].backend.device == "cuda" and versions[newest].contract.fp32_source and not explicit else None
+            if note == self._gpu_notes.get(name):
+                continue
+            self._gpu_notes[name] = note
+            if note is None:
+                continue
+            if source:
+                log.info("model %s: requests naming no version get v%s (fp32), not v%s: v%s is its int8 graph, made for CPUs, and this server runs on CUDA",
+                         name, source, newest, newest, extra={"model": name, "version": source})  # fmt: skip
+            else:
+                log.warning("model %s v%s is an int8 graph made for CPUs and this server runs on CUDA; the fp32 version it was quantised from is not served "
+                            "(%s): requests naming no version get the int8 graph", name, newest, self._fp32_source_whereabouts(name, versions[newest].contract),
+                            extra={"model": name, "version": newest})  # fmt: skip
+
+    def _fp32_source_whereabouts(self, name: str, contract: ModelContract) -> str:
+        """Where the fp32 source of an int8 contract is, for a warning: an unserved folder and the flag to serve it, or nowhere."""
+        for version, folder in self._known.get(name, []):
+            try:
+                candidate = read_contract(folder, verify=False)
+            except ContractError:
+                continue
+            if candidate.files.get(ONNX_FILE) == contract.fp32_source:
+                newer = sum(1 for known, _ in self._known.get(name, []) if known >= version)
+                return f"{folder} holds it: serve it too, e.g. --version-policy latest:{newer}"
+        return f"no version under {self.root / name} has model.onnx sha256 {contract.fp32_source[:12]}…"
+
     def _unselected(self, name: str) -> list[str]:
         """Why a model has no loaded version when the version policy selects none of its versions."""
         policy = self.settings.version_policy
@@ -335,6 +375,7 @@ class ModelRepository:
             self._loaded_once = True
         await self._changed(report, "repository reloaded")
         self._warn_default_version()
+        self._note_gpu_defaults()
         return report
 
     async def load_model(self, name: str) -> ReloadReport:
@@ -351,6 +392,7 @@ class ModelRepository:
         await self._changed(report, f"model {name} load requested")
         if name == self.default_name:
             self._warn_default_version()
+        self._note_gpu_defaults()
         if name not in self._models:
             errors = [f"v{v}: {e}" for n, v, e in report.failed if n == name] or self._unselected(name) or ["no version has a model.json yet"]
             raise ModelNotReady(f"model {name!r} did not load ({'; '.join(errors)})")
@@ -482,6 +524,16 @@ class ModelRepository:
         async with self._lock:
             models, self._models = [model for versions in self._models.values() for model in versions.values()], {}
             await asyncio.gather(*(model.unload() for model in models))
+
+
+def gpu_fp32_source(versions: dict[int, LoadedModel], version: int) -> int:
+    """The served fp32 version that int8 `version` was quantised from, when `version` runs on CUDA
+    (an int8 graph is made for CPUs; on a GPU its fp32 source is faster and exact); 0 otherwise."""
+    model = versions.get(version)
+    if model is None or model.backend.device != "cuda" or not model.contract.fp32_source:
+        return 0
+    sources = [v for v, m in versions.items() if m.contract.precision == "fp32" and m.contract.files.get(ONNX_FILE) == model.contract.fp32_source]
+    return max(sources, default=0)
 
 
 def warm(backend: Backend, contract: ModelContract, max_batch_size: int) -> None:

@@ -178,6 +178,43 @@ def test_runtime_stage_runs_cyborg_serve_as_non_root(stages):
     assert probe[probe.index("--address") + 1].endswith(f":{args.port}")
 
 
+def image_versionless_contract(stages: list[dict]):
+    """The contract of the embedded model's version that a request naming none gets from the image's own
+    command (ENTRYPOINT + CMD), with the models/ folder the image copies to its repository."""
+    import asyncio
+
+    from serving.repository import ModelRepository, RepositorySettings, VersionPolicy
+
+    runtime = stages[-1]
+    args = parse_cyborg(exec_form(instruction_values(runtime, "ENTRYPOINT")[-1]) + exec_form(instruction_values(runtime, "CMD")[-1]))
+    settings = RepositorySettings(intra_op_threads=1, bulk_lane=False, version_policy=VersionPolicy.parse(args.version_policy), default_version=args.default_version)
+
+    async def main():
+        repository = ModelRepository(ROOT / "models", settings)
+        try:
+            await repository.reload()
+            return repository.get().contract
+        finally:
+            await repository.close()
+
+    return asyncio.run(main())
+
+
+def newest_embedded_version() -> Path:
+    return max((p for p in (ROOT / "models").glob("*/*") if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def test_image_serves_the_int8_default_on_cpus(stages):
+    contract = image_versionless_contract(stages)
+    assert contract.precision == "int8" and contract.version == int(newest_embedded_version().name)
+
+
+def test_image_serves_the_fp32_source_of_the_int8_default_on_gpus(stages, on_cuda):
+    contract = image_versionless_contract(stages)
+    source = json.loads((newest_embedded_version() / "model.json").read_text())["metrics"]["int8"]["fp32_sha256"]
+    assert contract.precision == "fp32" and contract.files["model.onnx"] == source
+
+
 def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
     """(negated, pattern as a regex) for each .dockerignore line, in order, with Docker's matching rules."""
     patterns = []

@@ -406,3 +406,90 @@ def test_default_version_refused_by_the_policy_form_names_the_flags(policy, vers
 @pytest.mark.parametrize("policy, version", [("latest", 0), ("latest", 7), ("latest:2", 9), ("all", 3), ("6,7", 6), ("6,7", 0)])
 def test_default_version_allowed_by_the_policy_form(policy, version):
     VersionPolicy.parse(policy).check_default(version)  # latest and all: checked after loading
+
+
+def write_int8_of(root, source: int, version: int, name: str = "tiny"):
+    """Version `version` recorded as the int8 graph quantised from version `source` (what
+    `cyborg export --precision int8` writes: precision and metrics.int8.fp32_sha256)."""
+    folder = write_model_version(root, name, version)
+    fp32 = c.read_contract(root / name / str(source), verify=False).files[c.ONNX_FILE]
+    contract = c.read_contract(folder, verify=False)
+    c.write_contract(folder, c.ModelContract.from_dict({**contract.to_dict(), "precision": "int8", "metrics": {"int8": {"fp32_sha256": fp32}}}))
+    return folder
+
+
+def versionless(tmp_path, settings: RepositorySettings, reloads: int = 1) -> tuple[int, int, int]:
+    """(version a versionless request gets, version 2 by name, default_version()) after `reloads` reloads."""
+
+    async def main():
+        repository = ModelRepository(tmp_path, settings)
+        try:
+            for _ in range(reloads):
+                await repository.reload()
+            return repository.get().contract.version, repository.get("tiny", 2).contract.version, repository.default_version()
+        finally:
+            await repository.close()
+
+    return asyncio.run(main())
+
+
+def gpu_notes(caplog) -> list[str]:
+    return [f"{r.levelname} {r.getMessage()}" for r in caplog.records if "int8" in r.getMessage() and r.name == "serving.repository"]
+
+
+def test_on_cpu_the_newest_int8_version_serves_requests_that_name_no_version(tmp_path, caplog):
+    write_model_version(tmp_path, "tiny", 1)
+    write_int8_of(tmp_path, source=1, version=2)
+    caplog.set_level("INFO", logger="serving.repository")
+    assert versionless(tmp_path, default_version_settings("latest:2", 0)) == (2, 2, 2)
+    assert gpu_notes(caplog) == []
+
+
+def test_on_cuda_requests_naming_no_version_get_the_fp32_source_of_the_newest_int8_version(tmp_path, caplog, on_cuda):
+    write_model_version(tmp_path, "tiny", 1)  # an unrelated older fp32 version
+    write_model_version(tmp_path, "tiny", 2)  # the fp32 graph that v3 quantises
+    write_int8_of(tmp_path, source=2, version=3)
+    caplog.set_level("INFO", logger="serving.repository")
+
+    async def main():
+        repository = ModelRepository(tmp_path, default_version_settings("all", 0))
+        try:
+            await repository.reload()
+            await repository.reload()  # unchanged: logged once, not each reload
+            return repository.get().contract.version, repository.get("tiny").contract.version, repository.get("tiny", 3).contract.version
+        finally:
+            await repository.close()
+
+    assert asyncio.run(main()) == (2, 2, 3)  # versionless: v2; an explicit version is kept
+    assert gpu_notes(caplog) == [
+        "INFO model tiny: requests naming no version get v2 (fp32), not v3: v3 is its int8 graph, made for CPUs, and this server runs on CUDA"
+    ]
+
+
+def test_on_cuda_an_explicit_default_version_wins_over_the_fp32_source(tmp_path, caplog, on_cuda):
+    write_model_version(tmp_path, "tiny", 1)
+    write_int8_of(tmp_path, source=1, version=2)
+    caplog.set_level("INFO", logger="serving.repository")
+    assert versionless(tmp_path, default_version_settings("latest:2", 2)) == (2, 2, 2)
+    assert gpu_notes(caplog) == []
+
+
+def test_on_cuda_an_unserved_fp32_source_is_named_with_the_policy_that_serves_it(tmp_path, caplog, on_cuda):
+    write_model_version(tmp_path, "tiny", 1)
+    write_int8_of(tmp_path, source=1, version=2)
+    caplog.set_level("INFO", logger="serving.repository")
+    assert versionless(tmp_path, default_version_settings("latest", 0), reloads=2) == (2, 2, 2)
+    assert gpu_notes(caplog) == [
+        f"WARNING model tiny v2 is an int8 graph made for CPUs and this server runs on CUDA; the fp32 version it was quantised from is not served "
+        f"({tmp_path / 'tiny' / '1'} holds it: serve it too, e.g. --version-policy latest:2): requests naming no version get the int8 graph"
+    ]
+
+
+def test_on_cuda_an_int8_version_whose_source_is_gone_serves_with_a_warning(tmp_path, caplog, on_cuda):
+    write_model_version(tmp_path, "tiny", 1)
+    write_int8_of(tmp_path, source=1, version=2)
+    write_model_version(tmp_path, "tiny", 1, seed=7)  # v1 re-exported: no longer the graph v2 was quantised from
+    caplog.set_level("INFO", logger="serving.repository")
+    assert versionless(tmp_path, default_version_settings("all", 0)) == (2, 2, 2)
+    [note] = gpu_notes(caplog)
+    assert note.startswith("WARNING model tiny v2 is an int8 graph") and f"no version under {tmp_path / 'tiny'} has model.onnx sha256 " in note
