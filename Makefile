@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Serves v10 (the default: v9's two networks in int8, twice v9's CPU throughput) and v9 (fp32, exact CAMs,
-# the one for GPUs: `--version 9`).
+# Serves v10 (the default on CPUs: v9's two networks in int8, twice v9's CPU throughput) and v9 (fp32, exact
+# CAMs: `--version 9`; on a GPU, requests naming no version get v9, the fp32 source of v10).
 serve: setup
 	$(BIN)/cyborg serve --model-repository models --version-policy latest:2
 

@@ -5,7 +5,7 @@ import torch
 
 from training.model import ARCHITECTURES, cam_grid, create_classifier, normalised_cam, select_cam
 
-EXPECTED_GRID = {"densenet121": 7, "resnet50": 7, "inception_v3": 8, "xception": 10, "efficientnet_lite0": 7}
+EXPECTED_GRID = {"densenet121": 7, "resnet50": 7, "inception_v3": 8, "xception": 10, "efficientnet_lite0": 7, "efficientnet_lite0_s2": 28}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -69,6 +69,38 @@ def test_imagenet_lite0_loads_backbone_and_replaces_the_head(lite0_state):
     assert torch.equal(model.classifier.weight, fresh_head)
 
 
+@pytest.mark.parametrize("stage, stride, channels", [(2, 8, 40), (3, 16, 80)])
+def test_imagenet_for_a_cut_lite0_loads_the_stages_it_keeps(lite0_state, stage, stride, channels):
+    from training.model import cam_grid
+
+    arch = f"efficientnet_lite0_s{stage}"
+    model = create_classifier(arch)
+    description = load_pretrained(model, arch, "imagenet")
+    assert f"stem and stages 0-{stage}, classifier head replaced" in description
+    state = model.backbone.state_dict()
+    kept = [key for key in state if not key.startswith("classifier.")]
+    assert all(torch.equal(state[key], lite0_state[key]) for key in kept)
+    assert any(key.startswith(f"blocks.{stage}.") for key in kept) and not any(key.startswith(f"blocks.{stage + 1}.") for key in kept)
+    assert model.classifier.weight.shape == (2, channels) and cam_grid(model, 256) == (256 // stride, 256 // stride)
+
+
+def test_a_cut_lite0_sees_locally_where_the_whole_network_sees_everything():
+    """A change in one corner moves the whole network's CAM everywhere; after stage 2 only nearby cells."""
+
+    def moved_cells(arch: str) -> np.ndarray:
+        torch.manual_seed(0)
+        model = create_classifier(arch).eval()
+        images = torch.full((2, 3, 128, 128), 128.0)
+        images[1, :, :8, :8] = 255.0  # the top-left 8 px
+        with torch.no_grad():
+            maps = model(images).class_maps[:, 1]
+        return ((maps[1] - maps[0]).abs() > 1e-6).numpy()
+
+    local, whole = moved_cells("efficientnet_lite0_s2"), moved_cells("efficientnet_lite0")
+    assert whole.all()
+    assert local[0, 0] and not local[-4:, :].any() and not local[:, -4:].any()
+
+
 def test_none_leaves_weights_alone():
     model = create_classifier("test_resnet")
     before = {k: v.clone() for k, v in model.state_dict().items()}

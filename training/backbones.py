@@ -96,3 +96,75 @@ class WideTinyNet(LocalTinyNet):
 def cyborg_wide_tiny(pretrained: bool = False, **kwargs) -> WideTinyNet:
     """A tiny CNN whose final cells see the whole image (no pretrained weights)."""
     return _build(WideTinyNet, "cyborg_wide_tiny", pretrained, kwargs)
+
+
+# ---- local-feature EfficientNet-Lite: the network cut after an early stage -----------------------
+# Chai et al. (ECCV 2020, "What makes fake images detectable?") found that classifiers with a small
+# receptive field generalise better to generators they never saw than whole-image ones. Cutting
+# EfficientNet-Lite after stage K keeps its ImageNet weights up to there (training.weights loads them
+# from the packaged files) and gives a CAM on a finer grid: stride 8 after stage 2, 16 after stage 3.
+TRUNCATION_STAGES = (2, 3, 4)
+
+
+class TruncatedEfficientNet(nn.Module):
+    """timm's `base` EfficientNet(-Lite) cut after stage `stage` (no conv_head), then avg pool + linear."""
+
+    def __init__(self, base: str, stage: int, num_classes: int = 2, global_pool: str = "avg", **kwargs: object):
+        super().__init__()
+        import timm
+
+        if global_pool != "avg":
+            raise ValueError(f"{base}_s{stage} supports global_pool='avg' only, not {global_pool!r}")
+        full = timm.create_model(base, pretrained=False, num_classes=num_classes, **kwargs)
+        if not 1 <= stage < len(full.blocks):
+            raise ValueError(f"{base} has stages 1-{len(full.blocks) - 1} to cut after, not {stage}")
+        self.conv_stem, self.bn1 = full.conv_stem, full.bn1
+        self.blocks = full.blocks[: stage + 1]
+        last = self.blocks[-1][-1]  # an InvertedResidual (conv_pwl) in every stage after stage 0
+        self.num_features = last.conv_pwl.out_channels
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes)
+        self.default_cfg = self.pretrained_cfg = {**full.pretrained_cfg, "classifier": "classifier"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.bn1(self.conv_stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def truncated_base(arch: str) -> tuple[str, int] | None:
+    """("efficientnet_lite0", 2) for "efficientnet_lite0_s2"; None for any other name."""
+    base, _, stage = arch.rpartition("_s")
+    if base.startswith("efficientnet_lite") and stage.isdigit() and int(stage) in TRUNCATION_STAGES:
+        return base, int(stage)
+    return None
+
+
+def _register_truncated(base: str, stage: int) -> None:
+    def build(pretrained: bool = False, **kwargs) -> TruncatedEfficientNet:
+        if pretrained:
+            raise ValueError(f"{base}_s{stage}: pass --weights imagenet (the packaged {base} weights), not timm's pretrained")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        return TruncatedEfficientNet(base, stage, **kwargs)
+
+    build.__name__ = f"{base}_s{stage}"
+    build.__doc__ = f"{base} cut after stage {stage}: local features."
+    register_model(build)
+
+
+for _base in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+    for _stage in TRUNCATION_STAGES:
+        _register_truncated(_base, _stage)

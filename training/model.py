@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "efficientnet_lite0": 224,
     "efficientnet_lite1": 240,
     "efficientnet_lite2": 260,
+    "efficientnet_lite0_s2": 224,  # Lite0 cut after stage 2: local features, CAM stride 8 (training/backbones.py)
     "resnet18": 224,
     "mobilenetv2_100": 224,
 }

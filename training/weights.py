@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from training.backbones import truncated_base
 from training.model import CamClassifier
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,18 @@ def load_pretrained(model: CamClassifier, arch: str, weights: str) -> str:
     if weights == "none":
         return "none (random initialisation)"
     if weights == "imagenet":
-        if arch in PACKAGED_WEIGHTS:
-            path = packaged_weights_path(arch)
-            dropped = load_backbone_state(model.backbone, packaged_imagenet_state_dict(arch))
-            package = PACKAGED_WEIGHTS[arch][0].replace("_", "-")
-            return f"imagenet ({package}: {path}{head_note(dropped)})"
+        cut = truncated_base(arch)
+        packaged = cut[0] if cut else arch
+        if packaged in PACKAGED_WEIGHTS:
+            path = packaged_weights_path(packaged)
+            state = packaged_imagenet_state_dict(packaged)
+            if cut:  # the stem and the stages up to the cut; the base's head goes the usual way (replaced)
+                head = classifier_name(model.backbone)
+                state = {key: value for key, value in state.items() if key in model.backbone.state_dict() or key.startswith(f"{head}.")}
+            dropped = load_backbone_state(model.backbone, state)
+            package = PACKAGED_WEIGHTS[packaged][0].replace("_", "-")
+            part = f", stem and stages 0-{cut[1]}" if cut else ""
+            return f"imagenet ({package}: {path}{part}{head_note(dropped)})"
         return timm_imagenet(model, arch)
     return load_file(model, Path(weights))
 
