@@ -192,5 +192,5 @@ def load_backend(
     engine = OnnxRuntimeBackend(folder / ONNX_FILE, device=device, intra_op_threads=intra_op_threads)
     if contract.precision == "int8" and engine.device == "cuda":
         log.warning("%s v%d is an int8 graph made for CPUs (cyborg export --precision int8); on CUDA it runs slower than "
-                    "fp32: serve an fp32 version on a GPU", contract.name, contract.version)  # fmt: skip
+                    "fp32: serve the fp32 version it was quantised from beside it (requests naming no version then get that one)", contract.name, contract.version)  # fmt: skip
     return engine

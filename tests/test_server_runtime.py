@@ -70,7 +70,7 @@ def test_an_int8_version_on_cuda_is_served_with_a_warning(tmp_path, monkeypatch,
     load_backend(folder, int8, device="cuda")
     assert [r.getMessage() for r in caplog.records] == [
         "tiny v1 is an int8 graph made for CPUs (cyborg export --precision int8); on CUDA it runs slower than fp32: "
-        "serve an fp32 version on a GPU"
+        "serve the fp32 version it was quantised from beside it (requests naming no version then get that one)"
     ]
 
 
