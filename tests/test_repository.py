@@ -418,15 +418,17 @@ def write_int8_of(root, source: int, version: int, name: str = "tiny"):
     return folder
 
 
-def versionless(tmp_path, settings: RepositorySettings, reloads: int = 1) -> tuple[int, int, int]:
-    """(version a versionless request gets, version 2 by name, default_version()) after `reloads` reloads."""
+def versionless(tmp_path, settings: RepositorySettings, reloads: int = 1, named: int = 2) -> tuple[int, int, int, int]:
+    """The versions served after `reloads` reloads to a request naming none, to one naming the model
+    "tiny" but no version, to one naming version `named`, and `default_version()`."""
 
     async def main():
         repository = ModelRepository(tmp_path, settings)
         try:
             for _ in range(reloads):
                 await repository.reload()
-            return repository.get().contract.version, repository.get("tiny", 2).contract.version, repository.default_version()
+            requests = [repository.get(), repository.get("tiny"), repository.get("tiny", named)]
+            return *(model.contract.version for model in requests), repository.default_version()
         finally:
             await repository.close()
 
@@ -441,7 +443,7 @@ def test_on_cpu_the_newest_int8_version_serves_requests_that_name_no_version(tmp
     write_model_version(tmp_path, "tiny", 1)
     write_int8_of(tmp_path, source=1, version=2)
     caplog.set_level("INFO", logger="serving.repository")
-    assert versionless(tmp_path, default_version_settings("latest:2", 0)) == (2, 2, 2)
+    assert versionless(tmp_path, default_version_settings("latest:2", 0)) == (2, 2, 2, 2)
     assert gpu_notes(caplog) == []
 
 
@@ -450,17 +452,8 @@ def test_on_cuda_requests_naming_no_version_get_the_fp32_source_of_the_newest_in
     write_model_version(tmp_path, "tiny", 2)  # the fp32 graph that v3 quantises
     write_int8_of(tmp_path, source=2, version=3)
     caplog.set_level("INFO", logger="serving.repository")
-
-    async def main():
-        repository = ModelRepository(tmp_path, default_version_settings("all", 0))
-        try:
-            await repository.reload()
-            await repository.reload()  # unchanged: logged once, not each reload
-            return repository.get().contract.version, repository.get("tiny").contract.version, repository.get("tiny", 3).contract.version
-        finally:
-            await repository.close()
-
-    assert asyncio.run(main()) == (2, 2, 3)  # versionless: v2; an explicit version is kept
+    # two reloads, the second unchanged: logged once, not each reload
+    assert versionless(tmp_path, default_version_settings("all", 0), reloads=2, named=3) == (2, 2, 3, 2)  # versionless: v2; an explicit version is kept
     assert gpu_notes(caplog) == [
         "INFO model tiny: requests naming no version get v2 (fp32), not v3: v3 is its int8 graph, made for CPUs, and this server runs on CUDA"
     ]
@@ -470,7 +463,7 @@ def test_on_cuda_an_explicit_default_version_wins_over_the_fp32_source(tmp_path,
     write_model_version(tmp_path, "tiny", 1)
     write_int8_of(tmp_path, source=1, version=2)
     caplog.set_level("INFO", logger="serving.repository")
-    assert versionless(tmp_path, default_version_settings("latest:2", 2)) == (2, 2, 2)
+    assert versionless(tmp_path, default_version_settings("latest:2", 2)) == (2, 2, 2, 2)
     assert gpu_notes(caplog) == []
 
 
@@ -478,7 +471,7 @@ def test_on_cuda_an_unserved_fp32_source_is_named_with_the_policy_that_serves_it
     write_model_version(tmp_path, "tiny", 1)
     write_int8_of(tmp_path, source=1, version=2)
     caplog.set_level("INFO", logger="serving.repository")
-    assert versionless(tmp_path, default_version_settings("latest", 0), reloads=2) == (2, 2, 2)
+    assert versionless(tmp_path, default_version_settings("latest", 0), reloads=2) == (2, 2, 2, 2)
     assert gpu_notes(caplog) == [
         f"WARNING model tiny v2 is an int8 graph made for CPUs and this server runs on CUDA; the fp32 version it was quantised from is not served "
         f"({tmp_path / 'tiny' / '1'} holds it: serve it too, e.g. --version-policy latest:2): requests naming no version get the int8 graph"
@@ -490,6 +483,6 @@ def test_on_cuda_an_int8_version_whose_source_is_gone_serves_with_a_warning(tmp_
     write_int8_of(tmp_path, source=1, version=2)
     write_model_version(tmp_path, "tiny", 1, seed=7)  # v1 re-exported: no longer the graph v2 was quantised from
     caplog.set_level("INFO", logger="serving.repository")
-    assert versionless(tmp_path, default_version_settings("all", 0)) == (2, 2, 2)
+    assert versionless(tmp_path, default_version_settings("all", 0)) == (2, 2, 2, 2)
     [note] = gpu_notes(caplog)
     assert note.startswith("WARNING model tiny v2 is an int8 graph") and f"no version under {tmp_path / 'tiny'} has model.onnx sha256 " in note

@@ -10,6 +10,9 @@ sees nearly the whole image (docs/guidance.md). It follows timm's contract
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from timm.models import register_model
 from torch import nn
@@ -59,13 +62,14 @@ class LocalTinyNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _build(cls: type[LocalTinyNet], name: str, pretrained: bool, kwargs: dict) -> LocalTinyNet:
-    """Instantiate a tiny test backbone from timm's factory arguments (they have no pretrained weights)."""
+def _build(factory: Callable[..., nn.Module], name: str, pretrained: bool, kwargs: dict, no_pretrained: str = "has no pretrained weights") -> nn.Module:
+    """Instantiate a backbone registered here from timm's factory arguments (timm's own pretrained
+    weights do not exist for them: `no_pretrained` says so)."""
     if pretrained:
-        raise ValueError(f"{name} has no pretrained weights")
+        raise ValueError(f"{name} {no_pretrained}")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
-    return cls(**kwargs)
+    return factory(**kwargs)
 
 
 @register_model
@@ -154,11 +158,8 @@ def truncated_base(arch: str) -> tuple[str, int] | None:
 
 def _register_truncated(base: str, stage: int) -> None:
     def build(pretrained: bool = False, **kwargs) -> TruncatedEfficientNet:
-        if pretrained:
-            raise ValueError(f"{base}_s{stage}: pass --weights imagenet (the packaged {base} weights), not timm's pretrained")
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)
-        return TruncatedEfficientNet(base, stage, **kwargs)
+        return _build(functools.partial(TruncatedEfficientNet, base, stage), f"{base}_s{stage}", pretrained, kwargs,
+                      f"has no timm pretrained weights: pass --weights imagenet (the packaged {base} weights)")  # fmt: skip
 
     build.__name__ = f"{base}_s{stage}"
     build.__doc__ = f"{base} cut after stage {stage}: local features."

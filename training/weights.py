@@ -48,8 +48,8 @@ def load_pretrained(model: CamClassifier, arch: str, weights: str) -> str:
             path = packaged_weights_path(packaged)
             state = packaged_imagenet_state_dict(packaged)
             if cut:  # the stem and the stages up to the cut; the base's head goes the usual way (replaced)
-                head = classifier_name(model.backbone)
-                state = {key: value for key, value in state.items() if key in model.backbone.state_dict() or key.startswith(f"{head}.")}
+                kept, head = model.backbone.state_dict().keys(), classifier_name(model.backbone)
+                state = {key: value for key, value in state.items() if key in kept or key.startswith(f"{head}.")}
             dropped = load_backbone_state(model.backbone, state)
             package = PACKAGED_WEIGHTS[packaged][0].replace("_", "-")
             part = f", stem and stages 0-{cut[1]}" if cut else ""
