@@ -96,6 +96,30 @@ def test_an_existing_run_needs_resume_and_the_same_settings(tiny_data, two_epoch
         fit(tiny_config(tiny_data, two_epoch_run), resume=True, progress=False)
 
 
+def test_a_weight_average_is_validated_and_kept_and_resumes_exactly(tiny_data, tmp_path):
+    straight, resumed = tmp_path / "ema-straight", tmp_path / "ema-resumed"
+    fit(tiny_config(tiny_data, straight, ema_decay=0.9), progress=False)
+    fit(tiny_config(tiny_data, resumed, ema_decay=0.9, epochs=1), progress=False)
+    fit(tiny_config(tiny_data, resumed, ema_decay=0.9, epochs=2), resume=True, progress=False)
+    last, again = load_checkpoint(straight / "last.pt"), load_checkpoint(resumed / "last.pt")
+    for key in ("model", "training_model"):  # the average and the raw weights both continue exactly
+        for name, tensor in last[key].items():
+            torch.testing.assert_close(again[key][name], tensor, rtol=0, atol=1e-6, msg=f"{key} {name}")
+    moved = [name for name, tensor in last["model"].items() if tensor.is_floating_point() and not torch.equal(tensor, last["training_model"][name])]
+    assert moved, "the kept weights are the raw weights: no average was taken"
+    # the saved scores and the AUC that picks best.pt are the average's; the raw weights' AUC is logged beside
+    samples = {s.path: s for s in discover(last["data"]["root"])}
+    dataset = FaceDataset([samples[Path(p)] for p in last["val_predictions"]["paths"]], 32, (4, 4))
+    average, _ = model_from_checkpoint(last)
+    np.testing.assert_allclose(predict(average, dataset, batch_size=4)["scores"], last["val_predictions"]["scores"], atol=1e-5)
+    raw, _ = model_from_checkpoint({**last, "model": last["training_model"]})
+    raw_scores = predict(raw, dataset, batch_size=4)["scores"]
+    assert last["history"][-1]["val_auc_raw"] == pytest.approx(binary_metrics(last["val_predictions"]["labels"], raw_scores)["auc"])
+    assert last["history"][-1]["val_auc"] == last["val_metrics"]["auc"]
+    with pytest.raises(UserError, match=r"--ema-decay 1.0: must be in \[0, 1\)"):
+        fit(tiny_config(tiny_data, tmp_path / "bad", ema_decay=1.0), progress=False)
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     real_step, calls = guidance.METHODS["cyborg"], []
 

@@ -75,7 +75,7 @@ class Checkpoint:
     """What `cyborg train` saves each epoch (last.pt, and best.pt when validation AUC improves)."""
 
     config: TrainConfig | None = None
-    model: dict[str, torch.Tensor] | None = None  # the unwrapped CamClassifier's state_dict
+    model: dict[str, torch.Tensor] | None = None  # the unwrapped CamClassifier's state_dict (with --ema-decay: the average)
     mean: tuple[float, float, float] | None = None  # in [0, 1]: the normalisation inside the model
     std: tuple[float, float, float] | None = None
     image_size: int | None = None
@@ -90,6 +90,7 @@ class Checkpoint:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics.jsonl rows so far
     ensemble: list[dict[str, Any]] | None = None  # an averaged model's members (training.ensemble); None: one network
     # The optimisation state --resume restores.
+    training_model: dict[str, torch.Tensor] | None = None  # with --ema-decay: the raw weights the optimiser steps
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None

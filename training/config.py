@@ -59,6 +59,7 @@ class TrainConfig:
     freeze_bn: bool = False  # BatchNorm in eval mode while training: its running (e.g. ImageNet) statistics never change
     optimizer: str = "sgd"  # sgd (the paper) | adamw (weight_decay then is AdamW's decoupled decay)
     schedule: str = "step"  # step: StepLR(lr_step, lr_gamma), the paper | cosine: cosine decay to 0 over the epochs
+    ema_decay: float = 0.0  # > 0: an exponential moving average of the weights is validated and kept (timm ModelEmaV3); 0: off
     # run
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
@@ -101,6 +102,8 @@ class TrainConfig:
             raise UserError(f"--distill-weight {self.distill_weight}: must be at least 0")
         if not self.distill_temperature > 0.0:
             raise UserError(f"--distill-temperature {self.distill_temperature}: must be above 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1) (0 turns the average off)")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in (0, 1)")
 

@@ -3,7 +3,8 @@
 `fit(config)` runs a whole training: data, model, SGD + StepLR (the paper's recipe), one guidance
 method per step (`training.guidance`), validation AUC after every epoch, RUN_DIR/last.pt every
 epoch, RUN_DIR/best.pt when the validation AUC improves (never test data), RUN_DIR/metrics.jsonl
-one line per epoch. `resume=True` continues the run from last.pt and ends with the same weights as
+one line per epoch. With `ema_decay` the weights validated and kept are an exponential moving average
+of the trained ones (timm's ModelEmaV3; the raw weights' AUC is logged beside). `resume=True` continues the run from last.pt and ends with the same weights as
 an uninterrupted run. Under torchrun it trains data-parallel (training.distributed).
 """
 
@@ -17,7 +18,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from training.config import TrainConfig
 from training.distributed import DistInfo, unwrap
 from training.guidance import GuidanceMethod, StepResult, get_method
 from training.model import CamClassifier, cam_grid, create_classifier, default_image_size
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +160,16 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> to
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
 
 
+def build_ema(config: TrainConfig, model: torch.nn.Module) -> ModelEmaV3 | None:
+    """A moving average of `model`'s weights and buffers (config.ema_decay per step at most, warmed up from 0 over
+    the first steps as timm does, so early epochs are not held back by the initial weights), or None when off."""
+    if not config.ema_decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
+
+
 def train_loader(dataset: Dataset, config: TrainConfig, info: DistInfo) -> DataLoader:
     """Shuffled batches whose order depends only on (seed, epoch): see `start_epoch`."""
     if info.distributed:
@@ -231,9 +245,10 @@ def train_one_epoch(
     epoch: int,
     progress: bool = True,
     teacher: torch.nn.Module | None = None,
+    ema: ModelEmaV3 | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss, ce, guidance term, the teacher term (with a teacher),
-    accuracy and images/s (all ranks)."""
+    """One pass over `loader` (updating `ema` after each step); returns mean loss, ce, guidance term, the
+    teacher term (with a teacher), accuracy and images/s (all ranks)."""
     from tqdm import tqdm
 
     method = get_method(config.guidance)
@@ -253,6 +268,8 @@ def train_one_epoch(
                 f"epoch {epoch + 1}, step {step + 1}: the loss became NaN or infinite ({result.loss.item()} on rank {info.rank})"
             )
         backward_step(result, optimizer, scaler)
+        if ema is not None:
+            ema.update(unwrap(model), step=epoch * len(loader) + step + 1)
         n = batch["label"].numel()
         sums["loss"] += result.loss.detach().item() * n
         sums["ce"] += result.ce.detach().item() * n
@@ -364,6 +381,7 @@ class Run:
     image_size: int
     grid: tuple[int, int]
     teacher: torch.nn.Module | None = None  # config.teacher's network (training.distill), frozen
+    ema: ModelEmaV3 | None = None  # config.ema_decay's average of `model`: validated and kept in its place
     start: int = 0
     best: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epoch": None, "val_auc": None})
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -390,21 +408,22 @@ def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> d
             start_epoch(loader, config.seed, epoch)
             lr = run.optimizer.param_groups[0]["lr"]
             try:
-                train_stats = train_one_epoch(ddp_model, loader, run.optimizer, run.scaler, config, info, epoch, progress, run.teacher)
+                train_stats = train_one_epoch(ddp_model, loader, run.optimizer, run.scaler, config, info, epoch, progress, run.teacher, run.ema)
             except TrainingDiverged as error:
                 kept = f"{last_path} keeps epoch {epoch}, the last good weights" if epoch else "no checkpoint was written"
                 raise TrainingDiverged(f"{error}; training stopped, {kept} (try a lower --lr, or check the data and maps)") from None
             run.scheduler.step()
             distributed.sync_buffers(run.model, info)
-            val_metrics, predictions = validate(ddp_model, run.data.val, config, info)
-            improved = record_epoch(run, epoch, lr, train_stats, val_metrics)
+            val_metrics, predictions = validate(kept_model(run, ddp_model), run.data.val, config, info)
+            raw_auc = validate(ddp_model, run.data.val, config, info)[0]["auc"] if run.ema is not None else None
+            improved = record_epoch(run, epoch, lr, train_stats, val_metrics, raw_auc)
             if info.is_main:
                 checkpoint = make_checkpoint(run, epoch, val_metrics, predictions)
                 save_checkpoint(checkpoint, last_path)
                 if improved:
                     save_checkpoint(checkpoint, best_path)
                 metrics_log.write(run.history[-1])
-                log_epoch(config, epoch, train_stats, val_metrics, improved)
+                log_epoch(config, epoch, train_stats, val_metrics, improved, raw_auc)
             distributed.barrier(info)
     finally:
         if metrics_log is not None:
@@ -418,6 +437,11 @@ def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> d
         "history": run.history,
         "model": run.model,  # the trained model (last epoch), for callers in the same process
     }
+
+
+def kept_model(run: Run, trained: torch.nn.Module) -> torch.nn.Module:
+    """The weights a run validates and saves as its model: the moving average with --ema-decay, else `trained`."""
+    return run.ema.module if run.ema is not None else trained
 
 
 def resumed_from(config: TrainConfig, resume: bool, last_path: Path) -> Checkpoint | None:
@@ -450,9 +474,12 @@ def setup_run(config: TrainConfig, info: DistInfo, state: Checkpoint | None) -> 
         if config.channels_last:
             teacher.to(memory_format=torch.channels_last)
     run = Run(config=config, info=info, model=model, data=data, optimizer=optimizer, scheduler=build_scheduler(config, optimizer),
-              scaler=torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and config.amp), image_size=image_size, grid=grid, teacher=teacher)  # fmt: skip
+              scaler=torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and config.amp), image_size=image_size, grid=grid,
+              teacher=teacher, ema=build_ema(config, model))  # fmt: skip
     if state is not None:
-        model.load_state_dict(state.model)
+        model.load_state_dict(state.model if state.training_model is None else state.training_model)
+        if run.ema is not None:
+            run.ema.module.load_state_dict(state.model)
         run.optimizer.load_state_dict(state.optimizer)
         run.scheduler.load_state_dict(state.scheduler)
         run.scaler.load_state_dict(state.scaler)
@@ -462,8 +489,9 @@ def setup_run(config: TrainConfig, info: DistInfo, state: Checkpoint | None) -> 
     return run
 
 
-def record_epoch(run: Run, epoch: int, lr: float, train_stats: dict[str, float], val_metrics: dict[str, Any]) -> bool:
-    """Update the best epoch (by validation AUC) and the history; whether this epoch is the best so far."""
+def record_epoch(run: Run, epoch: int, lr: float, train_stats: dict[str, float], val_metrics: dict[str, Any], raw_auc: float | None = None) -> bool:
+    """Update the best epoch (by validation AUC of the kept weights) and the history (with --ema-decay, the raw
+    weights' AUC too); whether this epoch is the best so far."""
     auc = val_metrics["auc"]
     improved = run.best["epoch"] is None or (auc is not None and (run.best["val_auc"] is None or auc > run.best["val_auc"]))
     if improved:
@@ -473,6 +501,7 @@ def record_epoch(run: Run, epoch: int, lr: float, train_stats: dict[str, float],
         "lr": lr,
         **{f"train_{key}": value for key, value in train_stats.items()},
         **{f"val_{key}": val_metrics[key] for key in ("auc", "eer", "accuracy", "source_auc")},
+        **({"val_auc_raw": raw_auc} if run.ema is not None else {}),
         "best_epoch": run.best["epoch"],
         "saliency": run.data.saliency,
     })  # fmt: skip
@@ -484,7 +513,8 @@ def make_checkpoint(run: Run, epoch: int, val_metrics: dict[str, Any], predictio
     data, order = run.data, predictions["indices"]
     return Checkpoint(
         config=run.config,
-        model=run.model.state_dict(),
+        model=kept_model(run, run.model).state_dict(),
+        training_model=run.model.state_dict() if run.ema is not None else None,
         mean=tuple((run.model.pixel_mean.flatten() / 255.0).tolist()),
         std=tuple((run.model.pixel_std.flatten() / 255.0).tolist()),
         image_size=run.image_size,
@@ -509,12 +539,14 @@ def make_checkpoint(run: Run, epoch: int, val_metrics: dict[str, Any], predictio
     )
 
 
-def log_epoch(config: TrainConfig, epoch: int, train_stats: dict[str, float], val_metrics: dict[str, Any], improved: bool) -> None:
+def log_epoch(config: TrainConfig, epoch: int, train_stats: dict[str, float], val_metrics: dict[str, Any], improved: bool,
+              raw_auc: float | None = None) -> None:  # fmt: skip
     log.info(
-        "epoch %d/%d: loss %.4f (ce %.4f, guidance %.4f%s), train acc %.3f, %.1f img/s; val AUC %s, acc %.3f%s%s",
+        "epoch %d/%d: loss %.4f (ce %.4f, guidance %.4f%s), train acc %.3f, %.1f img/s; val AUC %s%s, acc %.3f%s%s",
         epoch + 1, config.epochs, train_stats["loss"], train_stats["ce"], train_stats["guidance"],
         f", teacher {train_stats['distill']:.4f}" if "distill" in train_stats else "",
-        train_stats["accuracy"], train_stats["images_per_s"], _fmt(val_metrics["auc"]), val_metrics["accuracy"],
+        train_stats["accuracy"], train_stats["images_per_s"], _fmt(val_metrics["auc"]),
+        f" (average; raw weights {_fmt(raw_auc)})" if config.ema_decay else "", val_metrics["accuracy"],
         "".join(f"; {source} {_fmt(auc)}" for source, auc in val_metrics["source_auc"].items()) if len(val_metrics["source_auc"]) > 2 else "",
         " (best)" if improved else "",
     )  # fmt: skip

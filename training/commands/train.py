@@ -42,6 +42,8 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--lr-gamma": ("lr_gamma", float, "StepLR factor (default: 0.1)"),
     "--optimizer": ("optimizer", str, "sgd (the paper) or adamw (default: sgd)"),
     "--schedule": ("schedule", str, "step (StepLR, the paper) or cosine (decay to 0 over --epochs) (default: step)"),
+    "--ema-decay": ("ema_decay", float, "validate and keep an exponential moving average of the weights, this decay per step "
+                    "at most (warmed up over the first steps) (default: 0, off; see docs/training.md)"),
     "--val-fraction": ("val_fraction", float, "share of train held out for validation when the data has no val split (default: 0.1)"),
     "--seed": ("seed", int, "random seed (default: 0)"),
     "--device": ("device", str, "auto, cpu or cuda (default: auto)"),
