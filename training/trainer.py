@@ -3,9 +3,10 @@
 `fit(config)` runs a whole training: data, model, SGD + StepLR (the paper's recipe), one guidance
 method per step (`training.guidance`), validation AUC after every epoch, RUN_DIR/last.pt every
 epoch, RUN_DIR/best.pt when the validation AUC improves (never test data), RUN_DIR/metrics.jsonl
-one line per epoch. With `ema_decay` the weights validated and kept are an exponential moving average
-of the trained ones (timm's ModelEmaV3; the raw weights' AUC is logged beside). `resume=True` continues the run from last.pt and ends with the same weights as
-an uninterrupted run. Under torchrun it trains data-parallel (training.distributed).
+one line per epoch. With `ema_decay` the weights validated and kept are an exponential moving
+average of the trained ones (timm's ModelEmaV3; the raw weights' AUC is logged beside). `resume=True`
+continues the run from last.pt and ends with the same weights as an uninterrupted run. Under
+torchrun it trains data-parallel (training.distributed).
 """
 
 from __future__ import annotations
