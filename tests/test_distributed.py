@@ -33,13 +33,14 @@ def train_rank(rank: int, world_size: int, port: int, data: str, out: str, weigh
 
     config = TrainConfig(
         data=data, arch="cyborg_local_tiny", weights="none", image_size=32, epochs=2, batch_size=4,
-        lr=0.02, workers=0, device="cpu", out=out, val_fraction=0.25,
+        lr=0.02, workers=0, device="cpu", out=out, val_fraction=0.25, ema_decay=0.9,
     )  # fmt: skip
     summary = fit(config, progress=False)
     torch.save({"model": summary["model"].state_dict(), "history": summary["history"]}, Path(weights_dir) / f"rank{rank}.pt")
 
 
 def test_two_gloo_processes_end_with_identical_weights_and_one_checkpoint(tmp_path):
+    """With a weight average (--ema-decay) too: each rank keeps one, validated on its shard."""
     data = make_plain_dataset(tmp_path, n_real=10, n_fake=10, size=32)
     out = tmp_path / "run"
     mp.spawn(train_rank, args=(2, free_port(), str(data), str(out), str(tmp_path)), nprocs=2, join=True)
@@ -48,11 +49,12 @@ def test_two_gloo_processes_end_with_identical_weights_and_one_checkpoint(tmp_pa
         assert torch.equal(tensor, rank1["model"][name]), name
     last = load_checkpoint(out / "last.pt")
     assert last["epoch"] == 2 and not any(key.startswith("module.") for key in last["model"])  # the unwrapped model
-    for name, tensor in last["model"].items():
+    for name, tensor in last["training_model"].items():  # the raw weights; "model" holds their average (--ema-decay)
         assert torch.equal(tensor, rank0["model"][name]), name
+    assert any(not torch.equal(tensor, last["training_model"][name]) for name, tensor in last["model"].items())
     # metrics are reduced over both ranks: the same numbers on each, counting every training image once
     untimed = [[{k: v for k, v in row.items() if k != "train_images_per_s"} for row in r["history"]] for r in (rank0, rank1)]
-    assert untimed[0] == untimed[1]
+    assert untimed[0] == untimed[1] and all("val_auc_raw" in row for row in untimed[0])
     val_count = last["data"]["counts"]["val"]["real"] + last["data"]["counts"]["val"]["fake"]
     assert val_count == 4 and len(set(last["val_predictions"]["paths"])) == 4  # each image scored once, across ranks
     assert len(last["val_predictions"]["scores"]) == 4

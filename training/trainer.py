@@ -415,6 +415,8 @@ def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> d
                 raise TrainingDiverged(f"{error}; training stopped, {kept} (try a lower --lr, or check the data and maps)") from None
             run.scheduler.step()
             distributed.sync_buffers(run.model, info)
+            if run.ema is not None:  # averaged from each rank's own running statistics: validate and keep rank 0's
+                distributed.sync_buffers(run.ema.module, info)
             val_metrics, predictions = validate(kept_model(run, ddp_model), run.data.val, config, info)
             raw_auc = validate(ddp_model, run.data.val, config, info)[0]["auc"] if run.ema is not None else None
             improved = record_epoch(run, epoch, lr, train_stats, val_metrics, raw_auc)
