@@ -36,7 +36,8 @@ def train_rank(rank: int, world_size: int, port: int, data: str, out: str, weigh
         lr=0.02, workers=0, device="cpu", out=out, val_fraction=0.25, ema_decay=0.9,
     )  # fmt: skip
     summary = fit(config, progress=False)
-    torch.save({"model": summary["model"].state_dict(), "history": summary["history"]}, Path(weights_dir) / f"rank{rank}.pt")
+    torch.save({"model": summary["model"].state_dict(), "average": summary["average"].state_dict(), "history": summary["history"]},
+               Path(weights_dir) / f"rank{rank}.pt")  # fmt: skip
 
 
 def test_two_gloo_processes_end_with_identical_weights_and_one_checkpoint(tmp_path):
@@ -45,12 +46,15 @@ def test_two_gloo_processes_end_with_identical_weights_and_one_checkpoint(tmp_pa
     out = tmp_path / "run"
     mp.spawn(train_rank, args=(2, free_port(), str(data), str(out), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    for name, tensor in rank0["model"].items():
-        assert torch.equal(tensor, rank1["model"][name]), name
+    for key in ("model", "average"):  # the average's batch-norm statistics too, though each rank averaged its own
+        for name, tensor in rank0[key].items():
+            assert torch.equal(tensor, rank1[key][name]), f"{key} {name}"
     last = load_checkpoint(out / "last.pt")
     assert last["epoch"] == 2 and not any(key.startswith("module.") for key in last["model"])  # the unwrapped model
     for name, tensor in last["training_model"].items():  # the raw weights; "model" holds their average (--ema-decay)
         assert torch.equal(tensor, rank0["model"][name]), name
+    for name, tensor in last["model"].items():
+        assert torch.equal(tensor, rank0["average"][name]), name
     assert any(not torch.equal(tensor, last["training_model"][name]) for name, tensor in last["model"].items())
     # metrics are reduced over both ranks: the same numbers on each, counting every training image once
     untimed = [[{k: v for k, v in row.items() if k != "train_images_per_s"} for row in r["history"]] for r in (rank0, rank1)]

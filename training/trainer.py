@@ -439,6 +439,7 @@ def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> d
         "files": [str(last_path), str(best_path), str(run_dir / METRICS)],
         "history": run.history,
         "model": run.model,  # the trained model (last epoch), for callers in the same process
+        "average": run.ema.module if run.ema is not None else None,  # --ema-decay's average (last epoch)
     }
 
 
