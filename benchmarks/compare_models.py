@@ -5,7 +5,8 @@
 
 Works from the model repository alone (model.onnx + model.json, no checkpoint): each image goes
 through `core.images.prepare` with each version's own contract, exactly as the server prepares it,
-and through ONNX Runtime on the CPU. The images are the validation split `cyborg train` holds out of
+and through ONNX Runtime on the CPU (an int8 version with 8-bit weights on exact kernels where this CPU
+would saturate them, as the server runs it: `engines.cpu`). The images are the validation split `cyborg train` holds out of
 DATA for --seed and --val-fraction (the newest version's training record gives both by default),
 so a version trained on other images may have seen some of them: say so when reading its figures.
 Prints AUC overall and per source for every perturbation, ECE of the calibrated probability, the
@@ -33,6 +34,7 @@ from core import contract as c
 from core.errors import UserError
 from core.images import input_region, prepare, read_image
 from core.thresholds import Calibration, expected_calibration_error
+from engines.cpu import exact_int8_entries
 from engines.runtime import OnnxRuntimeBackend
 from training.data import discover, split_samples
 from training.evaluate import binary_metrics, cam_agreement, per_source_metrics
@@ -79,7 +81,7 @@ def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float
     timed = []  # (clean row, backend, prepared clean images) of every version, timed together at the end
     for folder in folders:
         contract = c.read_contract(folder)
-        backend = OnnxRuntimeBackend(folder / c.ONNX_FILE, device="cpu")
+        backend = OnnxRuntimeBackend(folder / c.ONNX_FILE, device="cpu", config_entries=exact_int8_entries(contract.int8_weight_bits))
         calibration = Calibration.from_dict(contract.calibration)
         rows = {}
         for perturbation in parse_perturbations(perturb):

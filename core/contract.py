@@ -57,6 +57,9 @@ LEGACY_SCALE = 0  # "resize straight to H x W, no crop"
 # The numbers model.onnx computes in: "fp32", or "int8" (`cyborg export --precision int8`: a static
 # QDQ graph for CPUs, its calibration and operating points fitted on its own scores).
 PRECISIONS = ("fp32", "int8")
+# How many bits an int8 graph's weights use: 7 ([-64, 63], the default: exact on every CPU) or 8
+# ([-127, 127]: saturates in the int8 kernels of x86 CPUs without VNNI, `engines.cpu`).
+INT8_WEIGHT_BITS = (7, 8)
 
 SALIENCY_SOURCES = ("human", "proxy", "none")
 
@@ -128,6 +131,16 @@ class ModelContract:
             return ""
         record = self.metrics.get("int8")
         return str(record.get("fp32_sha256", "")) if isinstance(record, dict) else ""
+
+    @property
+    def int8_weight_bits(self) -> int:
+        """For an int8 version, how many bits its weights use (metrics.int8.weight_bits: 7 by default
+        since `cyborg export` recorded it, 8 before, when it was not recorded); 0 for fp32 versions."""
+        if self.precision != "int8":
+            return 0
+        record = self.metrics.get("int8")
+        bits = record.get("weight_bits", 8) if isinstance(record, dict) else 8
+        return int(bits) if isinstance(bits, int) and not isinstance(bits, bool) and bits in INT8_WEIGHT_BITS else 8
 
     def output_shapes(self, batch: int = -1) -> dict[str, tuple[int, ...]]:
         """Each output's shape for `batch` images (-1: a dynamic batch dimension)."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from core.contract import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, TENSORRT_FILE, ModelContract
 from core.errors import ContractError
+from engines.cpu import exact_int8_entries
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0, memory_arena: bool = True):
+    def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0, memory_arena: bool = True,
+                 config_entries: dict[str, str] | None = None):  # fmt: skip
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -76,6 +78,9 @@ class OnnxRuntimeBackend:
         # Idle intra-op threads otherwise spin between batches and take CPU from decoding and gRPC
         # (docs/benchmarks.md, "Serving throughput": 20.6-23.2 -> 14.1-14.8 ms of server CPU per image).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.config_entries = dict(config_entries or {})
+        for key, value in self.config_entries.items():
+            options.add_session_config_entry(key, value)
         providers = onnxruntime_providers(device)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
@@ -189,7 +194,14 @@ def load_backend(
         if TENSORRT_FILE not in contract.files:
             raise ContractError(f"{plan}: not listed (with a checksum) in model.json")
         return TensorRTBackend(plan, contract)
-    engine = OnnxRuntimeBackend(folder / ONNX_FILE, device=device, intra_op_threads=intra_op_threads)
+    entries = exact_int8_entries(contract.int8_weight_bits) if device != "cuda" else {}
+    if entries:
+        log.warning("%s v%d is an int8 graph with 8-bit weights: this CPU (x86-64 without VNNI) adds int8 products in 16 "
+                    "bits, which saturate and change its scores, so ONNX Runtime runs it with exact uint8 kernels "
+                    "(session.x64quantprecision: the scores it was validated with, at about fp32 speed); re-export it "
+                    "with 7-bit weights (cyborg export --precision int8, the default) for int8 speed here",
+                    contract.name, contract.version)  # fmt: skip
+    engine = OnnxRuntimeBackend(folder / ONNX_FILE, device=device, intra_op_threads=intra_op_threads, config_entries=entries)
     if contract.precision == "int8" and engine.device == "cuda":
         log.warning("%s v%d is an int8 graph made for CPUs (cyborg export --precision int8); on CUDA it runs slower than "
                     "fp32: serve the fp32 version it was quantised from beside it (requests naming no version then get that one)", contract.name, contract.version)  # fmt: skip

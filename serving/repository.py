@@ -498,7 +498,8 @@ class ModelRepository:
         if self.settings.bulk_lane and backend.name == OnnxRuntimeBackend.name and backend.device == "cpu":
             # One intra-op thread (the bulk lane's own low-priority thread does all the work) and no
             # memory arena (its small batches allocate little; an arena would keep it for good).
-            bulk_backend = OnnxRuntimeBackend(folder / ONNX_FILE, device="cpu", intra_op_threads=1, memory_arena=False)
+            bulk_backend = OnnxRuntimeBackend(folder / ONNX_FILE, device="cpu", intra_op_threads=1, memory_arena=False,
+                                              config_entries=backend.config_entries)  # fmt: skip
             warm(bulk_backend, contract, max(1, max_batch_size // BULK_PIECE_DIVISOR))
         return contract, backend, bulk_backend
 

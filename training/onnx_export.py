@@ -67,14 +67,16 @@ def export_onnx(module: ExportModule, path: str | os.PathLike[str], height: int,
     return exporter
 
 
-def ort_session(path: str | os.PathLike[str], threads: int | None = None):
-    """An ONNX Runtime session on the CPU provider."""
+def ort_session(path: str | os.PathLike[str], threads: int | None = None, config_entries: dict[str, str] | None = None):
+    """An ONNX Runtime session on the CPU provider (`config_entries`: session config, e.g. `engines.cpu.exact_int8_entries`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    for key, value in (config_entries or {}).items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

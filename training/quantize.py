@@ -1,7 +1,9 @@
 """CPU INT8: static QDQ quantisation of the exported graph, with its accuracy and speed measured.
 
 Calibration images come from the checkpoint's validation split (or --calibration-data) and go
-through core.images exactly as in training. The CAM head (everything after the backbone's
+through core.images exactly as in training. Weights use 7 bits by default (`--int8-weight-bits`):
+8-bit weights saturate in the int8 kernels of x86 CPUs without VNNI (`engines.cpu`), so a graph
+measured on one CPU would score differently on another; with 7 bits it scores the same everywhere. The CAM head (everything after the backbone's
 last feature map) stays in fp32 so the explanation keeps as much of its accuracy as the features
 allow; the measured differences are written to model.json.
 
@@ -25,6 +27,7 @@ import numpy as np
 from core import contract as c
 from core.errors import UserError
 from core.images import image_files, load_images, load_labelled_images, read_image, spread, to_model_input
+from engines.cpu import exact_int8_entries, int8_kernels
 from training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,9 @@ class ImageReader:
         self.position = 0
 
 
-def quantize(onnx_path: Path, output_path: Path, calibration: np.ndarray) -> None:
-    """Write a per-channel, QDQ, statically quantised copy of `onnx_path` to `output_path`."""
+def quantize(onnx_path: Path, output_path: Path, calibration: np.ndarray, weight_bits: int = 7) -> None:
+    """Write a per-channel, QDQ, statically quantised copy of `onnx_path` to `output_path`, its weights
+    in `weight_bits` bits (7: [-64, 63], exact on every CPU; 8: [-127, 127], see `engines.cpu`)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -74,6 +78,7 @@ def quantize(onnx_path: Path, output_path: Path, calibration: np.ndarray) -> Non
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            reduce_range=weight_bits == 7,
             op_types_to_quantize=QUANTIZED_OPS,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
@@ -90,6 +95,14 @@ def calibration_images(request, state: Checkpoint, size: int) -> np.ndarray:
     if len(images) == 0:
         raise UserError(f"--int8: no readable calibration images in {where}; pass --calibration-data FOLDER")
     return images
+
+
+def int8_session(path: Path, weight_bits: int):
+    """An ONNX Runtime CPU session for an int8 graph, run as the server runs it (`engines.cpu`: exact
+    kernels for 8-bit weights on a CPU that would saturate them)."""
+    from training.onnx_export import ort_session
+
+    return ort_session(path, config_entries=exact_int8_entries(weight_bits))
 
 
 def score_all(session, images: np.ndarray, batch: int = BENCH_BATCH) -> dict[str, np.ndarray]:
@@ -116,11 +129,11 @@ def throughput(session, images: np.ndarray, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def evaluate_int8(fp32_path: Path, int8_path: Path, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def evaluate_int8(fp32_path: Path, int8_path: Path, images: np.ndarray, labels: np.ndarray, weight_bits: int) -> dict[str, Any]:
     """AUC of both graphs and their output differences on labelled validation images."""
     from training.onnx_export import compare, ort_session
 
-    fp32, int8 = score_all(ort_session(fp32_path), images), score_all(ort_session(int8_path), images)
+    fp32, int8 = score_all(ort_session(fp32_path), images), score_all(int8_session(int8_path, weight_bits), images)
     diffs = compare(fp32, int8)
     cam_mean = float(np.abs(fp32[c.CAM_OUTPUT] - int8[c.CAM_OUTPUT]).mean())
     result: dict[str, Any] = {
@@ -142,14 +155,14 @@ def evaluate_int8(fp32_path: Path, int8_path: Path, images: np.ndarray, labels: 
     return result
 
 
-def benchmark(fp32_path: Path, int8_path: Path, images: np.ndarray, batch: int = BENCH_BATCH,
+def benchmark(fp32_path: Path, int8_path: Path, images: np.ndarray, weight_bits: int, batch: int = BENCH_BATCH,
               rounds: int = BENCH_ROUNDS, seconds: float = 3.0) -> dict[str, Any]:
     """fp32 and int8 throughput at one batch size, all cores: rounds alternate, the best of each counts
     (other jobs on a shared CPU only ever slow a round down)."""
     from training.onnx_export import ort_session, run_onnx
 
     batch_images = np.resize(images, (batch, *images.shape[1:]))
-    sessions = {"fp32": ort_session(fp32_path), "int8": ort_session(int8_path)}
+    sessions = {"fp32": ort_session(fp32_path), "int8": int8_session(int8_path, weight_bits)}
     best = dict.fromkeys(sessions, 0.0)
     for session in sessions.values():
         run_onnx(session, batch_images)  # warm-up
@@ -164,27 +177,27 @@ def quantize_checkpoint_model(request, state: Checkpoint, folder: Path, size: in
     """Write folder/model.int8.onnx next to model.onnx; return the figures for model.json."""
     images = calibration_images(request, state, size)
     fp32_path, int8_path = folder / c.ONNX_FILE, folder / c.INT8_ONNX_FILE
-    quantize(fp32_path, int8_path, images)
+    bits = request.int8_weight_bits
+    quantize(fp32_path, int8_path, images, bits)
     eval_images, eval_labels = load_labelled_images(*state.val_predictions.existing_images(EVALUATION_IMAGES), size, size, state.input_scale)
     if len(eval_images) == 0:
         eval_images, eval_labels = images, np.full(len(images), -1)
-    result = {"file": c.INT8_ONNX_FILE, "calibration_images": int(len(images)), "quantisation": "static QDQ, per-channel "
-              "int8 weights, uint8 activations, MinMax calibration; CAM head kept in fp32"}
-    result.update(evaluate_int8(fp32_path, int8_path, eval_images, eval_labels))
+    result = {"file": c.INT8_ONNX_FILE, "calibration_images": int(len(images)), "weight_bits": bits,
+              "quantisation": f"static QDQ, per-channel int8 weights in {bits} bits, uint8 activations, MinMax calibration; "
+              "CAM head kept in fp32", "measured_on": int8_kernels()}  # fmt: skip
+    result.update(evaluate_int8(fp32_path, int8_path, eval_images, eval_labels, bits))
     if with_bench:
-        result["bench"] = benchmark(fp32_path, int8_path, eval_images)
+        result["bench"] = benchmark(fp32_path, int8_path, eval_images, bits)
         print_figures(result, result["bench"])
     return result
 
 
-def graph_scores_under(path: Path, samples: list, changes: list, size: int, scale: int,
+def graph_scores_under(path: Path, samples: list, changes: list, size: int, scale: int, weight_bits: int,
                        batch: int = BENCH_BATCH) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
-    """{change name: (labels, scores)} of the ONNX graph at `path` on `samples` (`training.data.Sample`s)
+    """{change name: (labels, scores)} of the int8 graph at `path` on `samples` (`training.data.Sample`s)
     under each of `changes` (`training.perturb`), each image decoded, changed and prepared as
     `cyborg evaluate --perturb` does, in the samples' order."""
-    from training.onnx_export import ort_session
-
-    session, labels = ort_session(path), np.asarray([sample.label for sample in samples], dtype=np.int64)
+    session, labels = int8_session(path, weight_bits), np.asarray([sample.label for sample in samples], dtype=np.int64)
     originals = [read_image(sample.path) for sample in samples]
     found = {}
     for change in changes:
@@ -202,7 +215,7 @@ def quantize_as_model(request, state: Checkpoint, folder: Path, size: int) -> tu
                                             "graph's own scores of the checkpoint's validation images")  # fmt: skip
     figures = quantize_checkpoint_model(request, state, folder, size, with_bench=request.bench)
     fp32_path, int8_path = folder / c.ONNX_FILE, folder / c.INT8_ONNX_FILE
-    under = graph_scores_under(int8_path, samples, request.changes, size, state.input_scale)
+    under = graph_scores_under(int8_path, samples, request.changes, size, state.input_scale, request.int8_weight_bits)
     figures.update(file=c.ONNX_FILE, fp32_sha256=c.sha256_file(fp32_path))
     os.replace(int8_path, fp32_path)
     return figures, under
