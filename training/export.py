@@ -21,7 +21,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -64,11 +64,13 @@ class ExportRequest:
     force: bool = False
     calibration_data: Path | None = None
     calibration_images: int = 64
+    int8_weight_bits: int = 7  # core.contract.INT8_WEIGHT_BITS: 7 is exact on every CPU (engines.cpu)
     threshold: str = DEFAULT_OPERATING_POINT  # the default operating point's rule
     calibrate: str = "auto"  # score calibration: auto | none | temperature | platt (not int8's calibration_data)
     bench: bool = False
     points_under: str = "clean"  # the everyday changes (training.perturb names, "all") the operating points are fitted under
     device: str = "auto"  # where --points-under scores the validation images: auto | cpu | cuda
+    data: list[str] | None = None  # a version folder as the source: where its validation images are (training.requantize)
 
     @property
     def changes(self) -> list[Perturbation]:
@@ -93,6 +95,11 @@ class ExportRequest:
         if self.calibrate not in CALIBRATION_CHOICES:
             raise UserError(f"--calibrate {self.calibrate!r}: one of {', '.join(CALIBRATION_CHOICES)}")
         fixed_threshold(point_rule(self.threshold))  # a bad rule is refused before any work
+        if self.data and not (self.checkpoint / c.CONTRACT_FILE).is_file():
+            raise UserError(f"--data: only for a published version folder as the source ({self.checkpoint} is not one: "
+                            "a checkpoint knows its own validation images)")  # fmt: skip
+        if self.int8_weight_bits not in c.INT8_WEIGHT_BITS:
+            raise UserError(f"--int8-weight-bits {self.int8_weight_bits}: one of {', '.join(map(str, c.INT8_WEIGHT_BITS))}")
         if self.calibration_images < 1:
             raise UserError(f"--calibration-images {self.calibration_images}: must be at least 1")
         if self.bench and not quantised:
@@ -281,14 +288,19 @@ def export_checkpoint(request: ExportRequest) -> Path:
     if request.precision == "fp32":
         under = validation_under_changes(state, model, changes, request.device) if len(changes) > 1 else None
         scoring = choose_scoring(request.threshold, request.calibrate, state, under)
+    return stage_and_publish(request, lambda folder: build_version(
+        request=request, state=state, model=model, config=config, scoring=scoring, folder=folder))  # fmt: skip
+
+
+def stage_and_publish(request: ExportRequest, build: Callable[[Path], c.ModelContract]) -> Path:
+    """`build` every file of the version into a staging folder inside the repository, then rename it
+    into place (the repository is left as it was when anything fails); return the version folder."""
     model_dir = request.repository / request.name
     new_model_dir = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".export-{request.version}-"))
     try:
-        contract = build_version(
-            request=request, state=state, model=model, config=config, scoring=scoring, folder=staging
-        )
+        contract = build(staging)
         make_readable(staging)
         publish(staging, request.target, request.force)
     except BaseException:

@@ -1,4 +1,4 @@
-"""`cyborg export`: a checkpoint → a version folder in a model repository (see docs/export.md)."""
+"""`cyborg export`: a checkpoint, or a published fp32 version, → a version folder in a model repository (see docs/export.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="checkpoint written by `cyborg train`")
+    parser.add_argument("checkpoint", type=Path, metavar="SOURCE",
+                        help="checkpoint written by `cyborg train`, or a published fp32 version folder (models/NAME/N) "
+                             "to quantise into a new version with --precision int8")
+    parser.add_argument("--data", nargs="+", default=None, metavar="FOLDER",
+                        help="with a version folder as SOURCE: the data folders its validation images are in (default: "
+                             "the folders its model.json records)")
     parser.add_argument("--repository", type=Path, required=True, help="model repository folder (e.g. models)")
     parser.add_argument("--name", required=True, help="model name (a folder in the repository)")
     parser.add_argument("--version", type=int, required=True, help="version number (a folder under the name)")
@@ -32,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-data", type=Path, default=None,
                         help="int8 calibration images: a folder or a file of paths (default: the checkpoint's validation images)")
     parser.add_argument("--calibration-images", type=int, default=64, help="how many calibration images (default: 64)")
+    parser.add_argument("--int8-weight-bits", type=int, default=7, metavar="{7,8}",
+                        help="int8 weights in 7 bits (default: the same scores on every CPU) or 8 (slightly closer to fp32 "
+                             "on CPUs with VNNI, but saturating in the int8 kernels of x86 CPUs without it, where the "
+                             "server then falls back to exact kernels at about fp32 speed)")
     parser.add_argument("--bench", action="store_true", help="with --int8 or --precision int8: print fp32 vs int8 AUC and CPU throughput")
     parser.add_argument("--tensorrt", action="store_true", help="also build an FP16 TensorRT engine (model.plan); needs TensorRT and a GPU")
     parser.add_argument("--force", action="store_true", help="replace the version if it exists (atomically)")
@@ -39,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from training.export import ExportRequest, export_checkpoint
+    from training.requantize import export_version, is_version_folder
 
     request = ExportRequest(
         checkpoint=args.checkpoint,
@@ -51,12 +61,14 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         calibration_data=args.calibration_data,
         calibration_images=args.calibration_images,
+        int8_weight_bits=args.int8_weight_bits,
         threshold=args.threshold,
         calibrate=args.calibrate,
         bench=args.bench,
         points_under=args.points_under,
         device=args.device,
+        data=args.data,
     )
-    target = export_checkpoint(request)
+    target = export_version(request) if is_version_folder(args.checkpoint) else export_checkpoint(request)
     print(target)
     return 0
