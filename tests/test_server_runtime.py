@@ -60,7 +60,7 @@ def test_an_int8_version_on_cuda_is_served_with_a_warning(tmp_path, monkeypatch,
 
     folder = write_model_version(tmp_path, "tiny", 1)
     fp32 = c.read_contract(folder)
-    int8 = dataclasses.replace(fp32, precision="int8")
+    int8 = dataclasses.replace(fp32, precision="int8", metrics={"int8": {"weight_bits": 7}})  # as exported today (tests/test_int8_kernels.py: 8-bit)
     caplog.set_level(logging.WARNING, logger="engines.runtime")
     load_backend(folder, int8, device="cpu", intra_op_threads=1)
     assert caplog.records == []
