@@ -33,25 +33,28 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
     return None
 
 
+def is_x86(machine: str | None = None) -> bool:
+    """True on an x86-64 machine (this one, unless `machine` names another)."""
+    return (machine or platform.machine()).lower() in ("x86_64", "amd64")
+
+
 def int8_pairs_saturate(flags: frozenset[str] | None = None, machine: str | None = None) -> bool:
     """True on an x86-64 CPU whose flags lack VNNI: its int8 kernels saturate with 8-bit weights.
     False elsewhere (ARM's dot-product kernels add in 32 bits) and where the flags are unknown."""
-    machine = (machine or platform.machine()).lower()
-    if machine not in ("x86_64", "amd64"):
+    if not is_x86(machine):
         return False
     flags = cpu_flags() if flags is None else flags
     return flags is not None and not (flags & VNNI_FLAGS)
 
 
-def int8_kernels() -> str:
+def int8_kernels(flags: frozenset[str] | None = None, machine: str | None = None) -> str:
     """How this CPU adds int8 products, in words (recorded beside int8 figures measured on it)."""
-    machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64"):
-        return machine or "unknown"
-    flags = cpu_flags()
+    if not is_x86(machine):
+        return (machine or platform.machine()).lower() or "unknown"
+    flags = cpu_flags() if flags is None else flags
     if flags is None:
         return "x86-64 (flags unknown)"
-    return "x86-64 with VNNI" if flags & VNNI_FLAGS else "x86-64 without VNNI (16-bit pair sums: 8-bit weights saturate)"
+    return "x86-64 without VNNI (16-bit pair sums: 8-bit weights saturate)" if int8_pairs_saturate(flags, machine) else "x86-64 with VNNI"
 
 
 def exact_int8_entries(weight_bits: int) -> dict[str, str]:

@@ -79,6 +79,9 @@ def test_cpu_flags_and_which_cpus_saturate(tmp_path):
     assert cpu.int8_pairs_saturate(flags | {"avx_vnni"}, "AMD64") is False
     assert cpu.int8_pairs_saturate(flags, "aarch64") is False  # ARM's dot products add in 32 bits
     assert cpu.int8_pairs_saturate(frozenset(), "x86_64") is True
+    assert cpu.int8_kernels(flags, "x86_64").startswith("x86-64 without VNNI")
+    assert cpu.int8_kernels(flags | {"avx512_vnni"}, "AMD64") == "x86-64 with VNNI"
+    assert cpu.int8_kernels(flags, "aarch64") == "aarch64"
 
 
 def test_contract_reads_the_weight_bits():

@@ -27,7 +27,7 @@ import numpy as np
 from core import contract as c
 from core.errors import UserError
 from core.images import image_files, load_images, load_labelled_images, read_image, spread, to_model_input
-from engines.cpu import exact_int8_entries, int8_kernels
+from engines.cpu import SATURATION_FREE_WEIGHT_BITS, exact_int8_entries, int8_kernels
 from training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def quantize(onnx_path: Path, output_path: Path, calibration: np.ndarray, weight
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            reduce_range=weight_bits == 7,
+            reduce_range=weight_bits == SATURATION_FREE_WEIGHT_BITS,  # ONNX Runtime's 7-bit weights
             op_types_to_quantize=QUANTIZED_OPS,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
