@@ -1,5 +1,5 @@
 """`cyborg export VERSION_FOLDER --precision int8`: a published fp32 version quantised without its
-checkpoint; 7-bit weights by default (`--int8-weight-bits`)."""
+checkpoint; 7-bit weights and fp32 stems by default (`--int8-weight-bits`, `--int8-stem`)."""
 
 import json
 import shutil
@@ -75,6 +75,30 @@ def weight_ranges(path) -> list[int]:
     return [int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max()) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
 
 
+def convolutions_by_weight_type(path) -> tuple[list[str], list[str]]:
+    """(Conv nodes whose weights are fp32 initializers, Conv nodes whose weights are dequantised int8)."""
+    graph = onnx.load(str(path)).graph
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    return [n.name for n in convs if n.input[1] in floats], [n.name for n in convs if n.input[1] not in floats]
+
+
+def test_stem_convolutions_are_the_first_of_each_branch():
+    from onnx import TensorProto, helper
+
+    from training.quantize import stem_convolutions
+
+    def conv(name, x, out):
+        return helper.make_node("Conv", [x, f"w_{name}"], [out], name=name)
+
+    nodes = [helper.make_node("Div", ["images", "s"], ["div"], name="norm"), conv("a1", "div", "a"), helper.make_node("Relu", ["a"], ["ar"]),
+             conv("a2", "ar", "b"), conv("b1", "div", "c"), conv("b2", "c", "d"), helper.make_node("Add", ["b", "d"], ["e"]),
+             conv("head", "e", "out")]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])  # fmt: skip
+    assert stem_convolutions(graph) == ["a1", "b1"]  # two networks side by side, as in an ensemble
+
+
 def test_a_published_version_becomes_an_int8_version_of_the_same_network(published, requantised):
     from training.onnx_export import ort_session, run_onnx
 
@@ -95,16 +119,22 @@ def test_a_published_version_becomes_an_int8_version_of_the_same_network(publish
     int8 = run_onnx(ort_session(requantised / c.ONNX_FILE), images)[c.SCORE_OUTPUT]
     assert np.abs(int8 - fp32).max() < 0.05 and np.abs(int8 - fp32).max() > 0  # quantised, and close
     assert max(weight_ranges(requantised / c.ONNX_FILE)) <= 64  # 7-bit weights: no u8 x s8 pair sum saturates
+    fp32_convs, int8_convs = convolutions_by_weight_type(requantised / c.ONNX_FILE)
+    record = contract.metrics["int8"]
+    assert record["stem"] == "fp32" and len(fp32_convs) == 1 and record["fp32_convolutions"] == fp32_convs  # the stem, by default
+    assert len(int8_convs) > 1 and "stem convolutions in fp32" in record["quantisation"]
 
 
-def test_eight_bit_weights_are_recorded_and_use_the_full_range(published, tmp_path):
+def test_eight_bit_weights_and_an_int8_stem_are_recorded_and_written(published, tmp_path):
     repo, _ = published
     out = tmp_path / "models"
     assert export(repo / "det" / "1", "--repository", out, "--name", "det", "--version", 3, "--precision", "int8",
-                  "--calibration-images", 4, "--int8-weight-bits", "8") == 0  # fmt: skip
+                  "--calibration-images", 4, "--int8-weight-bits", "8", "--int8-stem", "int8") == 0  # fmt: skip
     contract = c.read_contract(out / "det" / "3")
     assert contract.int8_weight_bits == 8 and "in 8 bits" in contract.metrics["int8"]["quantisation"]
     assert max(weight_ranges(out / "det" / "3" / c.ONNX_FILE)) > 64
+    assert contract.metrics["int8"]["stem"] == "int8" and contract.metrics["int8"]["fp32_convolutions"] == []
+    assert convolutions_by_weight_type(out / "det" / "3" / c.ONNX_FILE)[0] == []  # every convolution quantised
 
 
 def test_moved_data_is_found_with_data_and_other_data_is_refused(published, tmp_path, capsys):
@@ -128,6 +158,7 @@ def test_moved_data_is_found_with_data_and_other_data_is_refused(published, tmp_
     [
         (["--precision", "fp32"], "a published version is re-exported as an int8 version only (--precision int8)"),
         (["--precision", "int8", "--int8-weight-bits", "6"], "--int8-weight-bits 6: one of 7, 8"),
+        (["--precision", "int8", "--int8-stem", "fp16"], "--int8-stem 'fp16': one of fp32, int8"),
         (["--precision", "int8", "--data", "nowhere"], "not found here: nowhere (pass --data FOLDER... where they are now)"),
     ],
 )

@@ -44,6 +44,7 @@ from core.thresholds import (
 from training.checkpoint import Checkpoint, as_checkpoint, read_checkpoint
 from training.perturb import Perturbation, parse_perturbations
 from training.publish import make_readable, publish, replace_file
+from training.quantize import STEM_PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class ExportRequest:
     calibration_data: Path | None = None
     calibration_images: int = 64
     int8_weight_bits: int = 7  # core.contract.INT8_WEIGHT_BITS: 7 is exact on every CPU (engines.cpu)
+    int8_stem: str = "fp32"  # training.quantize.STEM_PRECISIONS: each network's first convolutions
     threshold: str = DEFAULT_OPERATING_POINT  # the default operating point's rule
     calibrate: str = "auto"  # score calibration: auto | none | temperature | platt (not int8's calibration_data)
     bench: bool = False
@@ -100,6 +102,8 @@ class ExportRequest:
                             "a checkpoint knows its own validation images)")  # fmt: skip
         if self.int8_weight_bits not in c.INT8_WEIGHT_BITS:
             raise UserError(f"--int8-weight-bits {self.int8_weight_bits}: one of {', '.join(map(str, c.INT8_WEIGHT_BITS))}")
+        if self.int8_stem not in STEM_PRECISIONS:
+            raise UserError(f"--int8-stem {self.int8_stem!r}: one of {', '.join(STEM_PRECISIONS)}")
         if self.calibration_images < 1:
             raise UserError(f"--calibration-images {self.calibration_images}: must be at least 1")
         if self.bench and not quantised:
