@@ -67,6 +67,6 @@ EXPOSE 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "/opt/cyborg/healthcheck.py", "--address", "127.0.0.1:8001"]
 ENTRYPOINT ["cyborg", "serve", "--model-repository", "/models"]
-# The two newest versions: v11 (int8, for CPUs) and v9 (the same networks in fp32). Requests naming
-# no version get v11 on a CPU and v9 on a GPU (the fp32 source of an int8 version; docs/serving.md).
+# The two newest versions: v12 (int8, for CPUs) and v9 (the same networks in fp32). Requests naming
+# no version get v12 on a CPU and v9 on a GPU (the fp32 source of an int8 version; docs/serving.md).
 CMD ["--version-policy", "latest:2"]

@@ -17,14 +17,14 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Serves v11 (the default on CPUs: v9's two networks in int8 with 7-bit weights, 1.6-2x v9's CPU throughput, the
-# same scores on every CPU) and v9 (fp32, exact CAMs: `--version 9`; on a GPU, requests naming no version get
-# v9, the fp32 source of v11).
+# Serves v12 (the default on CPUs: v9's two networks in int8 with 7-bit weights and fp32 stems, 1.6-1.9x v9's
+# CPU throughput, the same scores on every CPU) and v9 (fp32, exact CAMs: `--version 9`; on a GPU, requests
+# naming no version get v9, the fp32 source of v12).
 serve: setup
 	$(BIN)/cyborg serve --model-repository models --version-policy latest:2
 
 # Retrain and re-export the embedded default model (v9: two CYBORG runs on the whole 256-px face, seeds 0 and 1,
-# each fine-tuned 5 epochs under stronger changes taught by their average, averaged again; v11: the same in int8)
+# each fine-tuned 5 epochs under stronger changes taught by their average, averaged again; v12: the same in int8)
 # from scratch on CPU, about 3.5 hours on 2 cores (deterministic for SEED, the validation split's seed);
 # `python scripts/default_model.py --members 1 --version 6 --int8-version 0` is v6, one run, about 70 minutes.
 # DATA holds faces/, sd21-faces/ and portraits/ (../shared/data/README.md); it prints its own running time.

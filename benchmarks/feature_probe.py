@@ -11,7 +11,7 @@ standardised logistic regression per stage (and on all of them at once) is fitte
 split of every source but the held-out one, and its validation AUC is reported per source as
 `cyborg evaluate` reports it (a generator's fakes against all reals). The split is the trainer's
 (`--val-fraction`, `--seed`). Early, local statistics generalise further than late ones; the
-model card's "Limits of v9 and v11" has the figures.
+model card's "Limits of v9 and v12" has the figures.
 """
 
 from __future__ import annotations

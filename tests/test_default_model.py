@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 SHARED = ROOT.parent / "shared" / "data"  # present on developer machines and CI, not for users
 FACES = SHARED / "faces"
-MAX_BYTES = 40 * 1024 * 1024  # v9 (two Lite0 at 256 px, fp32, 27 MB) and v11, the same in int8 (8 MB)
+MAX_BYTES = 40 * 1024 * 1024  # v9 (two Lite0 at 256 px, fp32, 27 MB) and v12, the same in int8 (8 MB)
 
 
 def version_dirs() -> list[Path]:

@@ -1,6 +1,6 @@
 """A published fp32 version → an int8 version of the same network, without its checkpoint.
 
-`cyborg export models/NAME/9 --precision int8 --repository models --name NAME --version 11` quantises
+`cyborg export models/NAME/9 --precision int8 --repository models --name NAME --version 12` quantises
 version 9's model.onnx as an export from the checkpoint would (`training.quantize`), and fits the new
 version's calibration and operating points on the int8 graph's own validation scores. The validation
 images are re-drawn from the data folders the version's model.json records (or `--data`, when they
