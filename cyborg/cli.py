@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("evaluate",): ("training.commands.evaluate", "AUC, EER, accuracy, ROC and CAM pictures for a checkpoint"),
     ("ensemble",): ("training.commands.ensemble", "average several checkpoints into one model (one checkpoint, one graph)"),
     ("export",): ("training.commands.export", "export a checkpoint to ONNX/TensorRT in a model repository"),
+    ("checkpoint",): ("training.commands.checkpoint", "rebuild training checkpoints from a published fp32 version (to fine-tune, teach or extend it)"),
     ("models", "list"): ("serving.commands.models_list", "list the models in a model repository"),
     ("serve",): ("serving.commands.serve", "run the gRPC inference server"),
     ("detect",): ("serving.commands.detect", "send images to a server and print scores"),

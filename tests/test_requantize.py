@@ -30,11 +30,11 @@ def write_data(folder, seed: int = 0):
     return folder
 
 
-def checkpoint_trained_on(data, folder):
+def checkpoint_trained_on(data, folder, seed: int = 0):
     """make_checkpoint's network, its record pointing at `data`'s validation split (as `cyborg train` writes it)."""
     import torch
 
-    path = make_checkpoint(folder)
+    path = make_checkpoint(folder, seed=seed, out=folder / f"seed{seed}.pt")
     state = load_checkpoint(path)
     state.pop("format")
     val = split_samples(discover(data), VAL_FRACTION, 0)["val"]

@@ -1,0 +1,119 @@
+"""`cyborg checkpoint VERSION_FOLDER`: a published fp32 version's networks rebuilt as checkpoints that
+compute what its graph computes, and that train, ensemble and export like any checkpoint."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from core import contract as c
+from core.images import load_images
+from cyborg.cli import main
+from tests.test_export import SIZE, export
+from tests.test_requantize import checkpoint_trained_on, write_data
+from training.checkpoint import model_from_checkpoint, read_checkpoint
+from training.data import discover, split_samples
+from training.onnx_export import ort_session, run_onnx
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    """(repository with det/1, one test_resnet, and det/2, an ensemble of two; the data; the source checkpoints)."""
+    folder = tmp_path_factory.mktemp("from-version")
+    data = write_data(folder / "data")
+    seeds = [checkpoint_trained_on(data, folder, seed) for seed in (0, 1)]
+    assert main(["ensemble", *map(str, seeds), "--out", str(folder / "ensemble.pt"), "--device", "cpu"]) == 0
+    repo = folder / "models"
+    assert export(seeds[0], "--repository", repo, "--name", "det", "--version", 1) == 0
+    assert export(folder / "ensemble.pt", "--repository", repo, "--name", "det", "--version", 2) == 0
+    return repo, data, seeds
+
+
+def logits_of(checkpoint_path, images: np.ndarray) -> np.ndarray:
+    model, _ = model_from_checkpoint(read_checkpoint(checkpoint_path))
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(images)).logits.numpy()
+
+
+def assert_same_validation_scores(rebuilt, trained):
+    """The rebuilt checkpoint scored the trained one's validation images as the trained one did."""
+    assert rebuilt.val_predictions.paths == trained.val_predictions.paths
+    np.testing.assert_allclose(rebuilt.val_predictions.scores, trained.val_predictions.scores, atol=1e-5)
+
+
+def validation_images(data) -> np.ndarray:
+    val = split_samples(discover(data), 0.5, 0)["val"]
+    return load_images([str(s.path) for s in val], SIZE, SIZE)
+
+
+def test_one_network_comes_back_with_the_graphs_function(repository, tmp_path, capsys):
+    repo, data, seeds = repository
+    assert main(["checkpoint", str(repo / "det" / "1"), "--out", str(tmp_path / "v1")]) == 0
+    assert sorted(p.name for p in (tmp_path / "v1").iterdir()) == ["network.pt"]
+    images = validation_images(data)
+    rebuilt = logits_of(tmp_path / "v1" / "network.pt", images)
+    np.testing.assert_allclose(rebuilt, logits_of(seeds[0], images), atol=1e-4)  # the trained network's function
+    np.testing.assert_allclose(rebuilt, run_onnx(ort_session(repo / "det" / "1" / c.ONNX_FILE), images)[c.LOGITS_OUTPUT], atol=1e-4)
+    checkpoint = read_checkpoint(tmp_path / "v1" / "network.pt")
+    assert checkpoint.config.freeze_bn and checkpoint.config.arch == "test_resnet"
+    assert len(checkpoint.val_predictions.paths) == len(images)  # the re-drawn split, scored by the rebuilt network
+    assert_same_validation_scores(checkpoint, read_checkpoint(seeds[0]))
+    assert "validation AUC" in capsys.readouterr().out
+
+
+def test_an_ensemble_comes_back_as_members_and_their_average(repository, tmp_path):
+    repo, data, seeds = repository
+    assert main(["checkpoint", str(repo / "det" / "2"), "--out", str(tmp_path / "v2")]) == 0
+    assert sorted(p.name for p in (tmp_path / "v2").iterdir()) == ["ensemble.pt", "member-0.pt", "member-1.pt"]
+    images = validation_images(data)
+    records = c.read_contract(repo / "det" / "2").training["ensemble"]
+    for k, seed_path in enumerate(seeds):
+        np.testing.assert_allclose(logits_of(tmp_path / "v2" / f"member-{k}.pt", images), logits_of(seed_path, images), atol=1e-4)
+        member = read_checkpoint(tmp_path / "v2" / f"member-{k}.pt")
+        assert member.config.seed == records[k]["seed"]
+        assert_same_validation_scores(member, read_checkpoint(seed_path))
+    graph = run_onnx(ort_session(repo / "det" / "2" / c.ONNX_FILE), images)[c.LOGITS_OUTPUT]
+    np.testing.assert_allclose(logits_of(tmp_path / "v2" / "ensemble.pt", images), graph, atol=1e-4)
+    # and it exports again to the same scores
+    assert export(tmp_path / "v2" / "ensemble.pt", "--repository", tmp_path / "m", "--name", "det", "--version", 3) == 0
+    again = run_onnx(ort_session(tmp_path / "m" / "det" / "3" / c.ONNX_FILE), images)[c.LOGITS_OUTPUT]
+    np.testing.assert_allclose(again, graph, atol=1e-4)
+
+
+def test_a_rebuilt_network_fine_tunes_from_the_graphs_function(repository, tmp_path):
+    """--weights network.pt --freeze-bn starts from the published function: with a learning rate of 0 the
+    run validates at exactly the version's AUC (a network whose folded batch norms trained on batch
+    statistics would not)."""
+    repo, data, _ = repository
+    assert main(["checkpoint", str(repo / "det" / "1"), "--out", str(tmp_path / "v1")]) == 0
+    rebuilt = read_checkpoint(tmp_path / "v1" / "network.pt")
+    assert main(["train", str(data), "--arch", "test_resnet", "--weights", str(tmp_path / "v1" / "network.pt"), "--freeze-bn",
+                 "--image-size", str(SIZE), "--val-fraction", "0.5", "--seed", "0", "--epochs", "1", "--lr", "0",
+                 "--guidance", "ce", "--alpha", "1", "--batch-size", "4", "--no-progress", "--device", "cpu",
+                 "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+    tuned = read_checkpoint(tmp_path / "run" / "best.pt")
+    np.testing.assert_allclose(tuned.val_predictions.scores, rebuilt.val_predictions.scores, atol=1e-5)
+
+
+def test_int8_versions_and_foreign_graphs_are_refused(repository, tmp_path, capsys):
+    repo, _, _ = repository
+    assert export(repo / "det" / "1", "--repository", tmp_path / "q", "--name", "det", "--version", 4, "--precision", "int8",
+                  "--calibration-images", 4) == 0  # fmt: skip
+    assert main(["checkpoint", str(tmp_path / "q" / "det" / "4"), "--out", str(tmp_path / "a")]) == 2
+    assert "weights are quantised; rebuild from its fp32 source (training.quantised_from: 1)" in capsys.readouterr().err
+    other = tmp_path / "other" / "det" / "1"
+    shutil.copytree(repo / "det" / "1", other)
+    meta = json.loads((other / c.CONTRACT_FILE).read_text())
+    meta["architecture"] = "cyborg_local_tiny"  # model.json naming another network than the graph holds
+    (other / c.CONTRACT_FILE).write_text(json.dumps(meta))
+    assert main(["checkpoint", str(other), "--out", str(tmp_path / "b")]) == 2
+    assert "was not exported from a cyborg_local_tiny by `cyborg export`" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    meta = json.loads((repo / "det" / "1" / c.CONTRACT_FILE).read_text())
+    meta["mean"] = [0.2, 0.2, 0.2]  # a model.json whose preprocessing is not the graph's: the rebuilt network computes otherwise
+    (other / c.CONTRACT_FILE).write_text(json.dumps(meta))
+    assert main(["checkpoint", str(other), "--out", str(tmp_path / "b")]) == 2
+    assert "the rebuilt network differs from model.onnx by" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

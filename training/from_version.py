@@ -1,0 +1,184 @@
+"""A published fp32 version → training checkpoints again: one per network, plus their ensemble.
+
+`cyborg checkpoint models/NAME/9 --out DIR` reads the networks back out of version 9's model.onnx,
+so a version whose checkpoints are gone (or that came from someone else's repository) can be
+fine-tuned (`cyborg train --weights DIR/member-0.pt --freeze-bn`), taught from (`--teacher
+DIR/ensemble.pt`), averaged with new members (`cyborg ensemble DIR/member-0.pt ... new.pt`),
+evaluated and exported like any checkpoint.
+
+The exporter names each weight after the network's parameter (`model.members.0.backbone.conv_stem.weight`)
+and folds a BatchNorm that follows a convolution into it (the convolution gains a bias; the norm's
+own parameters leave the graph). Such a convolution comes back with the folded weight, and its
+BatchNorm as the identity plus that bias
+(weight 1, running mean 0, running variance 1 - eps): the same function in eval mode, which is how
+`--freeze-bn` trains it. The running statistics the folding removed cannot be recovered, so
+fine-tune such a network with `--freeze-bn`. Every rebuilt network is checked against the graph
+on images (`MAX_LOGIT_DIFFERENCE`) before anything is written. The validation split is re-drawn
+from the data folders model.json records (`training.requantize.validation_split`), and each
+checkpoint records its own scores of it, so export can calibrate and ensemble can validate.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from core import contract as c
+from core.errors import UserError
+from training.checkpoint import Checkpoint, ValPredictions, save_checkpoint
+from training.config import TrainConfig
+from training.model import CamClassifier, EnsembleCamClassifier, create_classifier
+
+MAX_LOGIT_DIFFERENCE = 1e-3  # rebuilt network against model.onnx on the check images
+ENSEMBLE_ARCHITECTURE = re.compile(r"ensemble of (\d+): (.+)")
+
+
+def member_architectures(source: c.ModelContract) -> list[str]:
+    """The architecture of each network in the version: one, or an ensemble's members in order."""
+    match = ENSEMBLE_ARCHITECTURE.fullmatch(source.architecture)
+    if not match:
+        return [source.architecture]
+    archs = [name.strip() for name in match.group(2).split("+")]
+    if len(archs) != int(match.group(1)):
+        raise UserError(f"{source.name} v{source.version}: architecture {source.architecture!r} lists {len(archs)} members")
+    return archs
+
+
+def graph_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The graph's initializers by name, and each convolution's weight name -> its bias input's name."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    biases = {node.input[1]: node.input[2] for node in graph.node if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]}
+    return {t.name: numpy_helper.to_array(t).copy() for t in graph.initializer}, biases
+
+
+def norm_after(modules: list[tuple[str, nn.Module]], position: int) -> tuple[str, nn.Module] | None:
+    """The BatchNorm between the convolution at `position` and the next convolution, if any."""
+    for name, module in modules[position + 1 :]:
+        if isinstance(module, nn.Conv2d):
+            return None
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return name, module
+    return None
+
+
+def rebuild_network(arch: str, source: c.ModelContract, graph: tuple[dict[str, np.ndarray], dict[str, str]], prefix: str,
+                    where: str) -> CamClassifier:  # fmt: skip
+    """`arch` with the graph's weights under `prefix`; folded BatchNorms restored as identity + the folded bias."""
+    weights, biases = graph
+    network = create_classifier(arch, tuple(source.mean), tuple(source.std))
+    modules = list(network.named_modules())
+    folded_norms: set[str] = set()
+    with torch.no_grad():
+        for position, (name, module) in enumerate(modules):
+            if not name or name in folded_norms:
+                continue
+            pair = norm_after(modules, position) if isinstance(module, nn.Conv2d) else None
+            if pair is not None and f"{prefix}{pair[0]}.weight" not in weights:  # the exporter folded it into this convolution
+                norm_name, norm = pair
+                weight = f"{prefix}{name}.weight"
+                if weight not in weights:
+                    raise UserError(f"{where}: no weight {weight} in the graph: model.onnx was not exported from a {arch} by `cyborg export`")
+                module.weight.copy_(torch.from_numpy(weights[weight]))
+                bias = weights.get(biases.get(weight, ""))
+                norm.weight.fill_(1.0)
+                norm.bias.copy_(torch.from_numpy(bias) if bias is not None else torch.zeros_like(norm.bias))
+                norm.running_mean.zero_()
+                norm.running_var.fill_(1.0 - norm.eps)
+                folded_norms.add(norm_name)
+                continue
+            for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                stored = weights.get(f"{prefix}{name}.{key}")
+                if stored is not None and tuple(stored.shape) == tuple(tensor.shape):
+                    tensor.copy_(torch.from_numpy(stored))
+                elif tensor.dtype.is_floating_point:
+                    raise UserError(f"{where}: no weight {prefix}{name}.{key} {tuple(tensor.shape)} in the graph: model.onnx "
+                                    f"was not exported from a {arch} by `cyborg export`")  # fmt: skip
+    return network.eval()
+
+
+def check_against_graph(model: nn.Module, path: Path, images: np.ndarray, where: str) -> float:
+    """The largest logit difference between `model` and the graph at `path` on `images`; UserError above the limit."""
+    from training.onnx_export import ort_session, run_onnx
+
+    expected = run_onnx(ort_session(path), images)[c.LOGITS_OUTPUT]
+    with torch.no_grad():
+        found = model(torch.from_numpy(images)).logits.numpy()
+    difference = float(np.abs(found - expected).max())
+    if difference > MAX_LOGIT_DIFFERENCE:
+        raise UserError(f"{where}: the rebuilt network differs from model.onnx by {difference:.3g} in the logits "
+                        f"(limit {MAX_LOGIT_DIFFERENCE}): its graph cannot be mapped back to a checkpoint")  # fmt: skip
+    return difference
+
+
+def scored_checkpoint(model: CamClassifier | EnsembleCamClassifier, source: c.ModelContract, samples: list, config: TrainConfig) -> Checkpoint:
+    """A checkpoint of `model` with its validation scores of `samples` (what export and ensemble need)."""
+    from training.data import FaceDataset
+    from training.evaluate import predict, validation_metrics
+
+    size, grid = source.input_height, tuple(source.cam_shape)
+    dataset = FaceDataset(samples, size, grid, scale=source.scale or size)
+    predictions = predict(model, dataset, batch_size=32)
+    kept = [dataset.samples[int(i)] for i in predictions["indices"]]
+    metrics = validation_metrics(predictions["labels"], predictions["scores"], [s.source for s in kept])
+    return Checkpoint(
+        config=config,
+        model=model.state_dict(),
+        mean=tuple(source.mean),
+        std=tuple(source.std),
+        image_size=size,
+        scale=source.scale or size,
+        cam_grid=grid,
+        epoch=int(source.training.get("epochs") or 0),
+        best={"epoch": None, "val_auc": metrics["auc"]},
+        saliency=source.training.get("saliency"),
+        data=source.training.get("data") or {},
+        val_metrics=metrics,
+        val_predictions=ValPredictions(paths=[str(s.path) for s in kept], labels=predictions["labels"].tolist(),
+                                       scores=predictions["scores"].tolist(), sources=[s.source for s in kept]),  # fmt: skip
+    )
+
+
+def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = None, check_images: int = 8) -> list[Path]:
+    """Write OUT/network.pt for a one-network fp32 version at `folder`, or OUT/member-K.pt for each
+    network of an ensemble and OUT/ensemble.pt for their average; return the files written."""
+    from training.requantize import validation_split
+
+    source = c.read_contract(folder, verify=True)
+    where = f"{folder} ({source.name} v{source.version})"
+    if source.precision != "fp32":
+        raise UserError(f"{where}: an {source.precision} graph's weights are quantised; rebuild from its fp32 source "
+                        f"(training.quantised_from: {source.training.get('quantised_from', {}).get('version', '?')})")  # fmt: skip
+    samples = validation_split(source, data)
+    archs = member_architectures(source)
+    graph = graph_weights(folder / c.ONNX_FILE)
+    prefixes = [f"model.members.{k}." for k in range(len(archs))] if len(archs) > 1 else ["model."]
+    networks = [rebuild_network(arch, source, graph, prefix, where) for arch, prefix in zip(archs, prefixes)]
+    model = EnsembleCamClassifier(networks).eval() if len(networks) > 1 else networks[0]
+    rng = np.random.default_rng(0)
+    check_against_graph(model, folder / c.ONNX_FILE, rng.integers(0, 256, (check_images, *source.input_shape), dtype=np.uint8), where)
+    records = source.training.get("ensemble") or [{}]  # an ensemble's member records (seed, ...) in order
+    base = {key: source.training[key] for key in ("guidance", "alpha", "cam_class", "val_fraction", "seed") if key in source.training}
+    data_roots = (source.training.get("data") or {}).get("root")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, (arch, network) in enumerate(zip(archs, networks)):
+        record = records[index] if index < len(records) else {}
+        config = TrainConfig(**{**base, "seed": record.get("seed", base.get("seed", 0))}, arch=arch, weights=str(folder),
+                             image_size=source.input_height, scale=source.scale, data=data or data_roots or "", freeze_bn=True)  # fmt: skip
+        path = out / (f"member-{index}.pt" if len(networks) > 1 else "network.pt")
+        save_checkpoint(scored_checkpoint(network, source, samples, config), path)
+        written.append(path)
+    if len(networks) > 1:
+        from training.ensemble import build_ensemble
+
+        path = out / "ensemble.pt"
+        save_checkpoint(build_ensemble(written), path)
+        written.append(path)
+    return written
