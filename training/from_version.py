@@ -9,9 +9,8 @@ evaluated and exported like any checkpoint.
 The exporter names each weight after the network's parameter (`model.members.0.backbone.conv_stem.weight`)
 and folds a BatchNorm that follows a convolution into it (the convolution gains a bias; the norm's
 own parameters leave the graph). Such a convolution comes back with the folded weight, and its
-BatchNorm as the identity plus that bias
-(weight 1, running mean 0, running variance 1 - eps): the same function in eval mode, which is how
-`--freeze-bn` trains it. The running statistics the folding removed cannot be recovered, so
+BatchNorm as the identity plus that bias (weight 1, running mean 0, running variance 1 - eps): the
+same function in eval mode, which is how `--freeze-bn` trains it. The running statistics the folding removed cannot be recovered, so
 fine-tune such a network with `--freeze-bn`. Every rebuilt network is checked against the graph
 on images (`MAX_LOGIT_DIFFERENCE`) before anything is written. The validation split is re-drawn
 from the data folders model.json records (`training.requantize.validation_split`), and each
@@ -20,7 +19,6 @@ checkpoint records its own scores of it, so export can calibrate and ensemble ca
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +32,13 @@ from training.config import TrainConfig
 from training.model import CamClassifier, EnsembleCamClassifier, create_classifier
 
 MAX_LOGIT_DIFFERENCE = 1e-3  # rebuilt network against model.onnx on the check images
-ENSEMBLE_ARCHITECTURE = re.compile(r"ensemble of (\d+): (.+)")
 
 
 def member_architectures(source: c.ModelContract) -> list[str]:
-    """The architecture of each network in the version: one, or an ensemble's members in order."""
-    match = ENSEMBLE_ARCHITECTURE.fullmatch(source.architecture)
-    if not match:
-        return [source.architecture]
-    archs = [name.strip() for name in match.group(2).split("+")]
-    if len(archs) != int(match.group(1)):
-        raise UserError(f"{source.name} v{source.version}: architecture {source.architecture!r} lists {len(archs)} members")
-    return archs
+    """The architecture of each network in the version: its ensemble's members in order (model.json's
+    `training.ensemble`), or the one network's."""
+    members = source.training.get("ensemble") or []
+    return [member["arch"] for member in members] if members else [source.architecture]
 
 
 def graph_weights(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
