@@ -10,7 +10,7 @@ that read the normalised image, before any other convolution) stays in fp32 by d
 (`--int8-stem`): quantising their input re-rounds the pixels onto a uint8 grid that does not line
 up with the image's own, which blurs away the faint high-frequency traces generators leave (v9:
 validation AUC 0.9856 with int8 stems, 0.9880 with fp32 ones, blur σ2 0.932 against 0.947, for
-about 8 % of int8 speed; docs/benchmarks.md).
+about 6 % of int8 speed; docs/benchmarks.md).
 
 Two uses: `--int8` writes model.int8.onnx beside the fp32 model.onnx (a side file for the
 user's own runtime); `--precision int8` makes the int8 graph the version's model.onnx, the one

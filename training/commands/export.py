@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8-stem", default="fp32", metavar="{fp32,int8}",
                         help="what each network's stem (its first convolutions, reading the image) computes in: fp32 "
                              "(default: keeps the faint pixel-level traces of generators; v9: AUC 0.988 against 0.986, "
-                             "blur σ2 0.947 against 0.932, for about 8%% of int8 speed) or int8")
+                             "blur σ2 0.947 against 0.932, for about 6%% of int8 speed) or int8")
     parser.add_argument("--bench", action="store_true", help="with --int8 or --precision int8: print fp32 vs int8 AUC and CPU throughput")
     parser.add_argument("--tensorrt", action="store_true", help="also build an FP16 TensorRT engine (model.plan); needs TensorRT and a GPU")
     parser.add_argument("--force", action="store_true", help="replace the version if it exists (atomically)")
