@@ -117,3 +117,29 @@ def test_int8_versions_and_foreign_graphs_are_refused(repository, tmp_path, caps
     assert main(["checkpoint", str(other), "--out", str(tmp_path / "b")]) == 2
     assert "the rebuilt network differs from model.onnx by" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_without_the_versions_data_the_checkpoints_still_teach_and_fine_tune(repository, tmp_path, caplog, capsys):
+    """A user of a shipped model has not its data: the checkpoints come without validation scores, a
+    warning says what that costs, and a student trains with the rebuilt ensemble as its teacher."""
+    repo, data, _ = repository
+    moved = tmp_path / "mine"
+    shutil.copytree(data, moved)
+    copy = tmp_path / "det" / "2"
+    shutil.copytree(repo / "det" / "2", copy)
+    meta = json.loads((copy / c.CONTRACT_FILE).read_text())
+    meta["training"]["data"]["root"] = str(tmp_path / "gone")  # recorded where this user has nothing
+    (copy / c.CONTRACT_FILE).write_text(json.dumps(meta))
+    assert main(["checkpoint", str(copy), "--out", str(tmp_path / "v2")]) == 0
+    assert "The checkpoints carry no validation scores" in caplog.text
+    assert capsys.readouterr().out.count("no validation scores") == 3
+    ensemble = read_checkpoint(tmp_path / "v2" / "ensemble.pt")
+    assert len(ensemble.ensemble) == 2 and ensemble.val_predictions.paths == []
+    images = validation_images(data)
+    graph = run_onnx(ort_session(copy / c.ONNX_FILE), images)[c.LOGITS_OUTPUT]
+    np.testing.assert_allclose(logits_of(tmp_path / "v2" / "ensemble.pt", images), graph, atol=1e-4)
+    assert main(["train", str(moved), "--arch", "test_resnet", "--weights", str(tmp_path / "v2" / "member-1.pt"), "--freeze-bn",
+                 "--teacher", str(tmp_path / "v2" / "ensemble.pt"), "--image-size", str(SIZE), "--val-fraction", "0.5",
+                 "--seed", "0", "--epochs", "1", "--batch-size", "4", "--no-progress", "--device", "cpu",
+                 "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+    assert read_checkpoint(tmp_path / "run" / "best.pt").history[0]["train_distill"] > 0  # the teacher was heard

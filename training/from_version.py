@@ -14,11 +14,14 @@ same function in eval mode, which is how `--freeze-bn` trains it. The running st
 fine-tune such a network with `--freeze-bn`. Every rebuilt network is checked against the graph
 on images (`MAX_LOGIT_DIFFERENCE`) before anything is written. The validation split is re-drawn
 from the data folders model.json records (`training.requantize.validation_split`), and each
-checkpoint records its own scores of it, so export can calibrate and ensemble can validate.
+checkpoint records its own scores of it, so export can calibrate and ensemble can validate; where
+those folders are not at hand (a user of the shipped model) the checkpoints are written without
+scores, with a warning: they fine-tune and teach, but do not export or ensemble as they are.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +30,11 @@ from torch import nn
 
 from core import contract as c
 from core.errors import UserError
-from training.checkpoint import Checkpoint, ValPredictions, save_checkpoint
+from training.checkpoint import Checkpoint, ValPredictions, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.model import CamClassifier, EnsembleCamClassifier, create_classifier
+
+log = logging.getLogger(__name__)
 
 MAX_LOGIT_DIFFERENCE = 1e-3  # rebuilt network against model.onnx on the check images
 
@@ -110,16 +115,22 @@ def check_against_graph(model: nn.Module, path: Path, images: np.ndarray, where:
     return difference
 
 
-def scored_checkpoint(model: CamClassifier | EnsembleCamClassifier, source: c.ModelContract, samples: list, config: TrainConfig) -> Checkpoint:
-    """A checkpoint of `model` with its validation scores of `samples` (what export and ensemble need)."""
+def version_checkpoint(model: CamClassifier | EnsembleCamClassifier, source: c.ModelContract, config: TrainConfig,
+                       samples: list | None, ensemble: list | None = None) -> Checkpoint:  # fmt: skip
+    """A checkpoint of `model`, with its own scores of the validation `samples` (what export and ensemble
+    need), or with none when the version's validation images are not at hand (None)."""
     from training.data import FaceDataset
     from training.evaluate import predict, validation_metrics
 
     size, grid = source.input_height, tuple(source.cam_shape)
-    dataset = FaceDataset(samples, size, grid, scale=source.scale or size)
-    predictions = predict(model, dataset, batch_size=32)
-    kept = [dataset.samples[int(i)] for i in predictions["indices"]]
-    metrics = validation_metrics(predictions["labels"], predictions["scores"], [s.source for s in kept])
+    metrics, scored = {}, ValPredictions()
+    if samples is not None:
+        dataset = FaceDataset(samples, size, grid, scale=source.scale or size)
+        predictions = predict(model, dataset, batch_size=32)
+        kept = [dataset.samples[int(i)] for i in predictions["indices"]]
+        metrics = validation_metrics(predictions["labels"], predictions["scores"], [s.source for s in kept])
+        scored = ValPredictions(paths=[str(s.path) for s in kept], labels=predictions["labels"].tolist(),
+                                scores=predictions["scores"].tolist(), sources=[s.source for s in kept])  # fmt: skip
     return Checkpoint(
         config=config,
         model=model.state_dict(),
@@ -129,12 +140,12 @@ def scored_checkpoint(model: CamClassifier | EnsembleCamClassifier, source: c.Mo
         scale=source.scale or size,
         cam_grid=grid,
         epoch=int(source.training.get("epochs") or 0),
-        best={"epoch": None, "val_auc": metrics["auc"]},
+        best={"epoch": None, "val_auc": metrics.get("auc")},
         saliency=source.training.get("saliency"),
         data=source.training.get("data") or {},
         val_metrics=metrics,
-        val_predictions=ValPredictions(paths=[str(s.path) for s in kept], labels=predictions["labels"].tolist(),
-                                       scores=predictions["scores"].tolist(), sources=[s.source for s in kept]),  # fmt: skip
+        val_predictions=scored,
+        ensemble=ensemble,
     )
 
 
@@ -148,7 +159,14 @@ def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = N
     if source.precision != "fp32":
         raise UserError(f"{where}: an {source.precision} graph's weights are quantised; rebuild from its fp32 source "
                         f"(training.quantised_from: {source.training.get('quantised_from', {}).get('version', '?')})")  # fmt: skip
-    samples = validation_split(source, data)
+    try:
+        samples = validation_split(source, data)
+    except UserError as error:
+        if data:
+            raise
+        log.warning("%s. The checkpoints carry no validation scores: they fine-tune and teach, but `cyborg export` "
+                    "and `cyborg ensemble` need the version's validation images (--data)", error)  # fmt: skip
+        samples = None
     archs = member_architectures(source)
     graph = graph_weights(folder / c.ONNX_FILE)
     prefixes = [f"model.members.{k}." for k in range(len(archs))] if len(archs) > 1 else ["model."]
@@ -166,12 +184,17 @@ def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = N
         config = TrainConfig(**{**base, "seed": record.get("seed", base.get("seed", 0))}, arch=arch, weights=str(folder),
                              image_size=source.input_height, scale=source.scale, data=data or data_roots or "", freeze_bn=True)  # fmt: skip
         path = out / (f"member-{index}.pt" if len(networks) > 1 else "network.pt")
-        save_checkpoint(scored_checkpoint(network, source, samples, config), path)
+        save_checkpoint(version_checkpoint(network, source, config, samples), path)
         written.append(path)
     if len(networks) > 1:
-        from training.ensemble import build_ensemble
+        from training.ensemble import build_ensemble, member_record
 
         path = out / "ensemble.pt"
-        save_checkpoint(build_ensemble(written), path)
+        if samples is not None:
+            ensemble = build_ensemble(written)
+        else:
+            records = [member_record(member, read_checkpoint(member)) for member in written]
+            ensemble = version_checkpoint(model, source, read_checkpoint(written[0]).config, None, ensemble=records)
+        save_checkpoint(ensemble, path)
         written.append(path)
     return written

@@ -22,5 +22,6 @@ def run(args: argparse.Namespace) -> int:
 
     for path in checkpoints_from_version(args.version, args.out, args.data):
         checkpoint = read_checkpoint(path)
-        print(f"{path}: {checkpoint.architecture}; validation AUC {checkpoint.val_metrics['auc']:.4f}")
+        auc = checkpoint.val_metrics.get("auc")
+        print(f"{path}: {checkpoint.architecture}; " + (f"validation AUC {auc:.4f}" if auc is not None else "no validation scores"))
     return 0
