@@ -193,8 +193,8 @@ def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = N
         if samples is not None:
             ensemble = build_ensemble(written)
         else:
-            records = [member_record(member, read_checkpoint(member)) for member in written]
-            ensemble = version_checkpoint(model, source, read_checkpoint(written[0]).config, None, ensemble=records)
+            members = [member_record(member, read_checkpoint(member)) for member in written]
+            ensemble = version_checkpoint(model, source, read_checkpoint(written[0]).config, None, ensemble=members)
         save_checkpoint(ensemble, path)
         written.append(path)
     return written
