@@ -63,6 +63,22 @@ def test_one_network_comes_back_with_the_graphs_function(repository, tmp_path, c
     assert "validation AUC" in capsys.readouterr().out
 
 
+def test_a_redrawn_split_that_is_not_the_recorded_one_is_named(repository, tmp_path, caplog):
+    """The counts can match while the images differ (a split drawn by an older trainer): the AUC the
+    version records for its split then differs from its own AUC on the re-drawn one, and a warning says so."""
+    repo, _, _ = repository
+    assert main(["checkpoint", str(repo / "det" / "1"), "--out", str(tmp_path / "same")]) == 0
+    assert "not the one it was validated on" not in caplog.text
+    copy = tmp_path / "det" / "1"
+    shutil.copytree(repo / "det" / "1", copy)
+    meta = json.loads((copy / c.CONTRACT_FILE).read_text())
+    recorded = (meta["metrics"]["validation"]["auc"] + 0.25) % 1.0  # what the version measured on its own (other) split
+    meta["metrics"]["validation"]["auc"] = recorded
+    (copy / c.CONTRACT_FILE).write_text(json.dumps(meta))
+    assert main(["checkpoint", str(copy), "--out", str(tmp_path / "other")]) == 0
+    assert f"on the re-drawn validation split, but model.json records {recorded:.4f}" in caplog.text
+
+
 def test_an_ensemble_comes_back_as_members_and_their_average(repository, tmp_path):
     repo, data, seeds = repository
     assert main(["checkpoint", str(repo / "det" / "2"), "--out", str(tmp_path / "v2")]) == 0

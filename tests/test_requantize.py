@@ -15,6 +15,7 @@ from tests.datasets import make_face_image
 from tests.test_export import SIZE, export, make_checkpoint
 from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.data import discover, split_samples
+from training.evaluate import binary_metrics
 from training.model import fake_probability
 
 PER_CLASS = 8
@@ -46,6 +47,7 @@ def checkpoint_trained_on(data, folder, seed: int = 0):
     state["data"] = {"root": str(data), "counts": {"val": counts}}
     state["val_predictions"] = {"paths": [str(s.path) for s in val], "labels": [s.label for s in val],
                                 "scores": scores.tolist(), "sources": [s.source for s in val]}  # fmt: skip
+    state["val_metrics"] = binary_metrics(np.array([s.label for s in val]), scores.numpy())  # of this split, as the trainer records
     save_checkpoint(state, path)
     return path
 

@@ -152,7 +152,7 @@ def version_checkpoint(model: CamClassifier | EnsembleCamClassifier, source: c.M
 def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = None, check_images: int = 8) -> list[Path]:
     """Write OUT/network.pt for a one-network fp32 version at `folder`, or OUT/member-K.pt for each
     network of an ensemble and OUT/ensemble.pt for their average; return the files written."""
-    from training.requantize import validation_split
+    from training.requantize import validation_split, warn_if_split_differs
 
     source = c.read_contract(folder, verify=True)
     where = f"{folder} ({source.name} v{source.version})"
@@ -197,4 +197,5 @@ def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = N
             ensemble = version_checkpoint(model, source, read_checkpoint(written[0]).config, None, ensemble=members)
         save_checkpoint(ensemble, path)
         written.append(path)
+    warn_if_split_differs(source, read_checkpoint(written[-1]).val_metrics.get("auc"))  # the whole model's
     return written

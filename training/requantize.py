@@ -12,6 +12,7 @@ training record) is the source's, plus `training.quantised_from` naming it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from core import contract as c
 from core.errors import UserError
 from training.checkpoint import Checkpoint, ValPredictions
 from training.export import ExportRequest, choose_scoring, jsonable, seal_version, stage_and_publish
+
+log = logging.getLogger(__name__)
+
+SPLIT_AUC_TOLERANCE = 0.002  # the fp32 graph re-scoring its own validation split: equal up to kernel noise
 
 
 def is_version_folder(path: Path) -> bool:
@@ -53,6 +58,17 @@ def validation_split(source: c.ModelContract, data: list[str] | None) -> list:
                         f"images, but {source.name} v{source.version} was validated on {validated}: not the data it "
                         "was trained on")  # fmt: skip
     return samples
+
+
+def warn_if_split_differs(source: c.ModelContract, auc: float | None) -> None:
+    """Log a warning when the source's fp32 AUC on the re-drawn validation split is not the AUC its
+    model.json records: the counts matched, but the images are probably not the ones it was validated
+    on (a split drawn by an older `cyborg train`, its training images among them)."""
+    recorded = (source.metrics.get("validation") or {}).get("auc")
+    if auc is not None and recorded is not None and abs(auc - recorded) > SPLIT_AUC_TOLERANCE:
+        log.warning("%s v%s scores AUC %.4f on the re-drawn validation split, but model.json records %.4f: the split is "
+                    "probably not the one it was validated on (its training images may be in it), so figures measured "
+                    "on it are not comparable", source.name, source.version, auc, recorded)  # fmt: skip
 
 
 def stand_in_checkpoint(source: c.ModelContract, samples: list) -> Checkpoint:
@@ -95,6 +111,7 @@ def export_version(request: ExportRequest) -> Path:
     def build(folder: Path) -> c.ModelContract:
         shutil.copyfile(request.checkpoint / c.ONNX_FILE, folder / c.ONNX_FILE)
         quantised, under = quantize_as_model(request, state, folder, source.input_height)
+        warn_if_split_differs(source, quantised.get("fp32_auc"))
         scoring = choose_scoring(request.threshold, request.calibrate, state, under)
         quantised_from = {"name": source.name, "version": source.version, "model.onnx": source.files.get(c.ONNX_FILE, "")}
         metrics: dict[str, Any] = {"validation": state.val_metrics, "threshold": scoring.threshold_info, **scoring.metrics,
