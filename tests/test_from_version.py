@@ -15,6 +15,7 @@ from tests.test_export import SIZE, export
 from tests.test_requantize import checkpoint_trained_on, write_data
 from training.checkpoint import model_from_checkpoint, read_checkpoint
 from training.data import discover, split_samples
+from training.from_version import graph_weights, rebuild_network
 from training.onnx_export import ort_session, run_onnx
 
 
@@ -57,7 +58,7 @@ def test_one_network_comes_back_with_the_graphs_function(repository, tmp_path, c
     np.testing.assert_allclose(rebuilt, logits_of(seeds[0], images), atol=1e-4)  # the trained network's function
     np.testing.assert_allclose(rebuilt, run_onnx(ort_session(repo / "det" / "1" / c.ONNX_FILE), images)[c.LOGITS_OUTPUT], atol=1e-4)
     checkpoint = read_checkpoint(tmp_path / "v1" / "network.pt")
-    assert checkpoint.config.freeze_bn and checkpoint.config.arch == "test_resnet"
+    assert not checkpoint.config.freeze_bn and checkpoint.config.arch == "test_resnet"  # its norms have statistics again
     assert len(checkpoint.val_predictions.paths) == len(images)  # the re-drawn split, scored by the rebuilt network
     assert_same_validation_scores(checkpoint, read_checkpoint(seeds[0]))
     assert "validation AUC" in capsys.readouterr().out
@@ -77,6 +78,22 @@ def test_a_redrawn_split_that_is_not_the_recorded_one_is_named(repository, tmp_p
     (copy / c.CONTRACT_FILE).write_text(json.dumps(meta))
     assert main(["checkpoint", str(copy), "--out", str(tmp_path / "other")]) == 0
     assert f"on the re-drawn validation split, but model.json records {recorded:.4f}" in caplog.text
+
+
+def test_rebuilt_norms_carry_the_statistics_of_the_images_they_were_measured_on(repository, tmp_path):
+    """The folded BatchNorms get statistics back: in train mode, on the images they were measured on,
+    the network computes what it computes in eval mode (with the folding's identity norms it would not)."""
+    repo, data, _ = repository
+    assert main(["checkpoint", str(repo / "det" / "1"), "--out", str(tmp_path / "v1")]) == 0
+    network, _ = model_from_checkpoint(read_checkpoint(tmp_path / "v1" / "network.pt"))
+    images = torch.from_numpy(validation_images(data))
+    source = c.read_contract(repo / "det" / "1")
+    identity, _ = rebuild_network("test_resnet", source, graph_weights(repo / "det" / "1" / c.ONNX_FILE), "model.", "det/1")
+    with torch.no_grad():
+        evaluated, trained = network.eval()(images).logits, network.train()(images).logits
+        unrestored = identity.train()(images).logits  # the folding's identity norms: no statistics
+    np.testing.assert_allclose(trained.numpy(), evaluated.numpy(), atol=1e-3)
+    assert np.abs(unrestored.numpy() - evaluated.numpy()).max() > 0.1
 
 
 def test_an_ensemble_comes_back_as_members_and_their_average(repository, tmp_path):
@@ -151,6 +168,7 @@ def test_without_the_versions_data_the_checkpoints_still_teach_and_fine_tune(rep
     assert capsys.readouterr().out.count("no validation scores") == 3
     ensemble = read_checkpoint(tmp_path / "v2" / "ensemble.pt")
     assert len(ensemble.ensemble) == 2 and ensemble.val_predictions.paths == []
+    assert read_checkpoint(tmp_path / "v2" / "member-0.pt").config.freeze_bn  # no images to measure its norms on
     images = validation_images(data)
     graph = run_onnx(ort_session(copy / c.ONNX_FILE), images)[c.LOGITS_OUTPUT]
     np.testing.assert_allclose(logits_of(tmp_path / "v2" / "ensemble.pt", images), graph, atol=1e-4)

@@ -2,7 +2,7 @@
 
 `cyborg checkpoint models/NAME/9 --out DIR` reads the networks back out of version 9's model.onnx,
 so a version whose checkpoints are gone (or that came from someone else's repository) can be
-fine-tuned (`cyborg train --weights DIR/member-0.pt --freeze-bn`), taught from (`--teacher
+fine-tuned (`cyborg train --weights DIR/member-0.pt`), taught from (`--teacher
 DIR/ensemble.pt`), averaged with new members (`cyborg ensemble DIR/member-0.pt ... new.pt`),
 evaluated and exported like any checkpoint.
 
@@ -10,8 +10,9 @@ The exporter names each weight after the network's parameter (`model.members.0.b
 and folds a BatchNorm that follows a convolution into it (the convolution gains a bias; the norm's
 own parameters leave the graph). Such a convolution comes back with the folded weight, and its
 BatchNorm as the identity plus that bias (weight 1, running mean 0, running variance 1 - eps): the
-same function in eval mode, which is how `--freeze-bn` trains it. The running statistics the folding removed cannot be recovered, so
-fine-tune such a network with `--freeze-bn`. Every rebuilt network is checked against the graph
+same function in eval mode. Where the version's validation images are at hand, the norms then get
+statistics back (`restore_norm_statistics`), so the networks also train in train mode as ordinary
+ones do; without them, fine-tune with `--freeze-bn` (the checkpoints record which). Every rebuilt network is checked against the graph
 on images (`MAX_LOGIT_DIFFERENCE`) before anything is written. The validation split is re-drawn
 from the data folders model.json records (`training.requantize.validation_split`), and each
 checkpoint records its own scores of it, so export can calibrate and ensemble can validate; where
@@ -37,6 +38,7 @@ from training.model import CamClassifier, EnsembleCamClassifier, create_classifi
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_DIFFERENCE = 1e-3  # rebuilt network against model.onnx on the check images
+NORM_IMAGES = 256  # validation images the folded BatchNorms' statistics are measured on
 
 
 def member_architectures(source: c.ModelContract) -> list[str]:
@@ -67,8 +69,9 @@ def norm_after(modules: list[tuple[str, nn.Module]], position: int) -> tuple[str
 
 
 def rebuild_network(arch: str, source: c.ModelContract, graph: tuple[dict[str, np.ndarray], dict[str, str]], prefix: str,
-                    where: str) -> CamClassifier:  # fmt: skip
-    """`arch` with the graph's weights under `prefix`; folded BatchNorms restored as identity + the folded bias."""
+                    where: str) -> tuple[CamClassifier, list[str]]:  # fmt: skip
+    """`arch` with the graph's weights under `prefix`, folded BatchNorms restored as identity + the folded
+    bias; and the names of those norms."""
     weights, biases = graph
     network = create_classifier(arch, tuple(source.mean), tuple(source.std))
     modules = list(network.named_modules())
@@ -98,7 +101,49 @@ def rebuild_network(arch: str, source: c.ModelContract, graph: tuple[dict[str, n
                 elif tensor.dtype.is_floating_point:
                     raise UserError(f"{where}: no weight {prefix}{name}.{key} {tuple(tensor.shape)} in the graph: model.onnx "
                                     f"was not exported from a {arch} by `cyborg export`")  # fmt: skip
-    return network.eval()
+    return network.eval(), sorted(folded_norms)
+
+
+def restore_norm_statistics(network: CamClassifier, folded: list[str], images: np.ndarray, batch: int = 32) -> None:
+    """Give each folded BatchNorm of `network` back statistics measured on `images`, keeping the function.
+
+    A folded convolution computes z = W'x, its norm adds the folded bias b'. With z's per-channel
+    mean m and variance v over the images and s = sqrt(v + eps): W' / s, running mean m / s, running
+    variance v / s^2, weight s * sqrt(v / s^2 + eps), bias b' + m. In eval mode that is W'x + b'
+    again; in train mode the norm sees batches like the ones it measured, so the network trains as a
+    normally trained one does (no --freeze-bn needed)."""
+    norms = {name: module for name, module in network.named_modules() if name in set(folded)}
+    sums: dict[str, list[torch.Tensor]] = {name: [] for name in norms}
+
+    def record(name):
+        def hook(_module, inputs):
+            z = inputs[0].double()
+            sums[name].append(torch.stack([z.sum(dim=(0, 2, 3)), (z * z).sum(dim=(0, 2, 3)), torch.full_like(z[0, :, 0, 0], z[:, 0].numel())]))
+        return hook
+
+    handles = [norm.register_forward_pre_hook(record(name)) for name, norm in norms.items()]
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            network(torch.from_numpy(images[start : start + batch]))
+    for handle in handles:
+        handle.remove()
+    convs = {name: module for name, module in network.named_modules() if isinstance(module, nn.Conv2d)}
+    modules = list(network.named_modules())
+    with torch.no_grad():
+        for position, (name, conv) in enumerate(modules):
+            pair = norm_after(modules, position) if name in convs else None
+            if pair is None or pair[0] not in norms:
+                continue
+            norm = pair[1]
+            total, squares, count = torch.stack(sums[pair[0]]).sum(dim=0)
+            mean = total / count
+            variance = (squares / count - mean * mean).clamp_min(0)
+            scale = torch.sqrt(variance + norm.eps)
+            conv.weight.div_(scale.view(-1, *[1] * (conv.weight.dim() - 1)).to(conv.weight.dtype))
+            norm.running_mean.copy_(mean / scale)
+            norm.running_var.copy_(variance / scale**2)
+            norm.weight.copy_(scale * torch.sqrt(norm.running_var + norm.eps))
+            norm.bias.add_(mean.to(norm.bias.dtype))
 
 
 def check_against_graph(model: nn.Module, path: Path, images: np.ndarray, where: str) -> float:
@@ -170,7 +215,15 @@ def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = N
     archs = member_architectures(source)
     graph = graph_weights(folder / c.ONNX_FILE)
     prefixes = [f"model.members.{k}." for k in range(len(archs))] if len(archs) > 1 else ["model."]
-    networks = [rebuild_network(arch, source, graph, prefix, where) for arch, prefix in zip(archs, prefixes)]
+    rebuilt = [rebuild_network(arch, source, graph, prefix, where) for arch, prefix in zip(archs, prefixes)]
+    networks = [network for network, _ in rebuilt]
+    if samples is not None:  # statistics for the folded norms, so the networks train without --freeze-bn
+        from core.images import load_images, spread
+
+        images = load_images(spread([str(sample.path) for sample in samples], NORM_IMAGES), source.input_height,
+                             source.input_width, source.scale or source.input_height)  # fmt: skip
+        for network, folded in rebuilt:
+            restore_norm_statistics(network, folded, images)
     model = EnsembleCamClassifier(networks).eval() if len(networks) > 1 else networks[0]
     rng = np.random.default_rng(0)
     check_against_graph(model, folder / c.ONNX_FILE, rng.integers(0, 256, (check_images, *source.input_shape), dtype=np.uint8), where)
@@ -182,7 +235,7 @@ def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = N
     for index, (arch, network) in enumerate(zip(archs, networks)):
         record = records[index] if index < len(records) else {}
         config = TrainConfig(**{**base, "seed": record.get("seed", base.get("seed", 0))}, arch=arch, weights=str(folder),
-                             image_size=source.input_height, scale=source.scale, data=data or data_roots or "", freeze_bn=True)  # fmt: skip
+                             image_size=source.input_height, scale=source.scale, data=data or data_roots or "", freeze_bn=samples is None)  # fmt: skip
         path = out / (f"member-{index}.pt" if len(networks) > 1 else "network.pt")
         save_checkpoint(version_checkpoint(network, source, config, samples), path)
         written.append(path)
