@@ -127,11 +127,10 @@ def restore_norm_statistics(network: CamClassifier, folded: list[str], images: n
             network(torch.from_numpy(images[start : start + batch]))
     for handle in handles:
         handle.remove()
-    convs = {name: module for name, module in network.named_modules() if isinstance(module, nn.Conv2d)}
     modules = list(network.named_modules())
     with torch.no_grad():
         for position, (name, conv) in enumerate(modules):
-            pair = norm_after(modules, position) if name in convs else None
+            pair = norm_after(modules, position) if isinstance(conv, nn.Conv2d) else None
             if pair is None or pair[0] not in norms:
                 continue
             norm = pair[1]
@@ -140,6 +139,8 @@ def restore_norm_statistics(network: CamClassifier, folded: list[str], images: n
             variance = (squares / count - mean * mean).clamp_min(0)
             scale = torch.sqrt(variance + norm.eps)
             conv.weight.div_(scale.view(-1, *[1] * (conv.weight.dim() - 1)).to(conv.weight.dtype))
+            if conv.bias is not None:
+                conv.bias.div_(scale.to(conv.bias.dtype))
             norm.running_mean.copy_(mean / scale)
             norm.running_var.copy_(variance / scale**2)
             norm.weight.copy_(scale * torch.sqrt(norm.running_var + norm.eps))
