@@ -15,7 +15,7 @@ from typing import Any
 
 from core import contract as c
 from core.errors import UserError
-from training.checkpoint import Checkpoint, ValPredictions, model_from_checkpoint, read_checkpoint
+from training.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint
 from training.model import EnsembleCamClassifier, cam_grid
 
 
@@ -55,8 +55,7 @@ def check_compatible(paths: Sequence[Path], members: Sequence[Checkpoint]) -> No
 
 def build_ensemble(paths: Sequence[str | Path], batch_size: int = 32, device: str = "cpu") -> Checkpoint:
     """One checkpoint whose model averages the checkpoints at `paths`, validated on their validation images."""
-    from training.data import FaceDataset
-    from training.evaluate import predict, validation_metrics
+    from training.evaluate import score_samples
 
     paths = [Path(p) for p in paths]
     if len(paths) < 2:
@@ -70,10 +69,7 @@ def build_ensemble(paths: Sequence[str | Path], batch_size: int = 32, device: st
     if len(grids) > 1:
         raise UserError(f"the members' CAM grids differ at {size} px ({', '.join(map(str, sorted(grids)))}); average members with one grid")
     samples = members[0].val_predictions.samples("the ensemble is validated on its members' validation images")
-    dataset = FaceDataset(samples, size, grid, scale=members[0].input_scale)
-    predictions = predict(model.to(device), dataset, batch_size=batch_size, device=device)
-    kept = [dataset.samples[int(i)] for i in predictions["indices"]]
-    metrics = validation_metrics(predictions["labels"], predictions["scores"], [s.source for s in kept])
+    metrics, scored = score_samples(model.to(device), samples, size, grid, members[0].input_scale, batch_size, device)
     records = [member_record(path, member) for path, member in zip(paths, members)]
     first = members[0]
     return Checkpoint(
@@ -89,11 +85,6 @@ def build_ensemble(paths: Sequence[str | Path], batch_size: int = 32, device: st
         saliency=first.saliency,
         data=first.data,
         val_metrics=metrics,
-        val_predictions=ValPredictions(
-            paths=[str(s.path) for s in kept],
-            labels=predictions["labels"].tolist(),
-            scores=predictions["scores"].tolist(),
-            sources=[s.source for s in kept],
-        ),
+        val_predictions=scored,
         ensemble=records,
     )

@@ -25,7 +25,7 @@ from core.contract import CLASS_NAMES, called_fake, sha256_file
 from core.heatmaps import upsample
 from core.images import read_image, to_model_input
 from core.thresholds import CALIBRATION_CHOICES, FALLBACK_THRESHOLD, equal_error_rate, evaluation_threshold, roc_curve
-from training.checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint
+from training.checkpoint import Checkpoint, ValPredictions, model_from_checkpoint, read_checkpoint
 from training.config import TrainConfig
 from training.data import FaceDataset, data_folders, discover, saliency_provenance, split_samples, summarise
 from training.distributed import resolve_device
@@ -170,6 +170,18 @@ def predict(
         raise ValueError("the dataset is empty: nothing to evaluate")
     return {key: np.concatenate(values) for key, values in parts.items()}
 
+
+
+def score_samples(model: torch.nn.Module, samples: Sequence, size: int, grid: tuple[int, int], scale: int,
+                  batch_size: int = 32, device: str | torch.device = "cpu") -> tuple[dict[str, Any], ValPredictions]:  # fmt: skip
+    """`model`'s validation metrics and predictions on `samples` (`training.data.Sample`s), prepared as
+    training validates them: what a checkpoint records as val_metrics and val_predictions."""
+    dataset = FaceDataset(samples, size, grid, scale=scale)
+    predictions = predict(model, dataset, batch_size=batch_size, device=device)
+    kept = [dataset.samples[int(i)] for i in predictions["indices"]]
+    metrics = validation_metrics(predictions["labels"], predictions["scores"], [s.source for s in kept])
+    return metrics, ValPredictions(paths=[str(s.path) for s in kept], labels=predictions["labels"].tolist(),
+                                   scores=predictions["scores"].tolist(), sources=[s.source for s in kept])  # fmt: skip
 
 TOP_FRACTION = 0.25  # the human map's "top region": its highest-valued quarter of CAM cells
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from core import contract as c
 from core.errors import UserError
-from training.checkpoint import Checkpoint, ValPredictions, read_checkpoint, save_checkpoint
+from training.checkpoint import Checkpoint, ValPredictions, save_checkpoint
 from training.config import TrainConfig
 from training.model import CamClassifier, EnsembleCamClassifier, create_classifier
 
@@ -69,16 +69,16 @@ def norm_after(modules: list[tuple[str, nn.Module]], position: int) -> tuple[str
 
 
 def rebuild_network(arch: str, source: c.ModelContract, graph: tuple[dict[str, np.ndarray], dict[str, str]], prefix: str,
-                    where: str) -> tuple[CamClassifier, list[str]]:  # fmt: skip
+                    where: str) -> tuple[CamClassifier, list[tuple[nn.Conv2d, nn.Module]]]:  # fmt: skip
     """`arch` with the graph's weights under `prefix`, folded BatchNorms restored as identity + the folded
-    bias; and the names of those norms."""
+    bias; and those (convolution, norm) pairs."""
     weights, biases = graph
     network = create_classifier(arch, tuple(source.mean), tuple(source.std))
     modules = list(network.named_modules())
-    folded_norms: set[str] = set()
+    folded: dict[str, tuple[nn.Conv2d, nn.Module]] = {}  # norm name -> (its convolution, the norm)
     with torch.no_grad():
         for position, (name, module) in enumerate(modules):
-            if not name or name in folded_norms:
+            if not name or name in folded:
                 continue
             pair = norm_after(modules, position) if isinstance(module, nn.Conv2d) else None
             if pair is not None and f"{prefix}{pair[0]}.weight" not in weights:  # the exporter folded it into this convolution
@@ -92,7 +92,7 @@ def rebuild_network(arch: str, source: c.ModelContract, graph: tuple[dict[str, n
                 norm.bias.copy_(torch.from_numpy(bias) if bias is not None else torch.zeros_like(norm.bias))
                 norm.running_mean.zero_()
                 norm.running_var.fill_(1.0 - norm.eps)
-                folded_norms.add(norm_name)
+                folded[norm_name] = (module, norm)
                 continue
             for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
                 stored = weights.get(f"{prefix}{name}.{key}")
@@ -101,10 +101,11 @@ def rebuild_network(arch: str, source: c.ModelContract, graph: tuple[dict[str, n
                 elif tensor.dtype.is_floating_point:
                     raise UserError(f"{where}: no weight {prefix}{name}.{key} {tuple(tensor.shape)} in the graph: model.onnx "
                                     f"was not exported from a {arch} by `cyborg export`")  # fmt: skip
-    return network.eval(), sorted(folded_norms)
+    return network.eval(), list(folded.values())
 
 
-def restore_norm_statistics(network: CamClassifier, folded: list[str], images: np.ndarray, batch: int = 32) -> None:
+def restore_norm_statistics(network: CamClassifier, folded: list[tuple[nn.Conv2d, nn.Module]], images: np.ndarray,
+                            batch: int = 32) -> None:  # fmt: skip
     """Give each folded BatchNorm of `network` back statistics measured on `images`, keeping the function.
 
     A folded convolution computes z = W'x, its norm adds the folded bias b'. With z's per-channel
@@ -112,29 +113,23 @@ def restore_norm_statistics(network: CamClassifier, folded: list[str], images: n
     variance v / s^2, weight s * sqrt(v / s^2 + eps), bias b' + m. In eval mode that is W'x + b'
     again; in train mode the norm sees batches like the ones it measured, so the network trains as a
     normally trained one does (no --freeze-bn needed)."""
-    norms = {name: module for name, module in network.named_modules() if name in set(folded)}
-    sums: dict[str, list[torch.Tensor]] = {name: [] for name in norms}
+    sums: list[list[torch.Tensor]] = [[] for _ in folded]  # per pair: [sum z, sum z^2, count] per channel, per batch
 
-    def record(name):
+    def record(index: int):
         def hook(_module, inputs):
             z = inputs[0].double()
-            sums[name].append(torch.stack([z.sum(dim=(0, 2, 3)), (z * z).sum(dim=(0, 2, 3)), torch.full_like(z[0, :, 0, 0], z[:, 0].numel())]))
+            sums[index].append(torch.stack([z.sum(dim=(0, 2, 3)), (z * z).sum(dim=(0, 2, 3)), torch.full_like(z[0, :, 0, 0], z[:, 0].numel())]))
         return hook
 
-    handles = [norm.register_forward_pre_hook(record(name)) for name, norm in norms.items()]
+    handles = [norm.register_forward_pre_hook(record(index)) for index, (_, norm) in enumerate(folded)]
     with torch.no_grad():
         for start in range(0, len(images), batch):
             network(torch.from_numpy(images[start : start + batch]))
     for handle in handles:
         handle.remove()
-    modules = list(network.named_modules())
     with torch.no_grad():
-        for position, (name, conv) in enumerate(modules):
-            pair = norm_after(modules, position) if isinstance(conv, nn.Conv2d) else None
-            if pair is None or pair[0] not in norms:
-                continue
-            norm = pair[1]
-            total, squares, count = torch.stack(sums[pair[0]]).sum(dim=0)
+        for (conv, norm), measured in zip(folded, sums):
+            total, squares, count = torch.stack(measured).sum(dim=0)
             mean = total / count
             variance = (squares / count - mean * mean).clamp_min(0)
             scale = torch.sqrt(variance + norm.eps)
@@ -147,8 +142,8 @@ def restore_norm_statistics(network: CamClassifier, folded: list[str], images: n
             norm.bias.add_(mean.to(norm.bias.dtype))
 
 
-def check_against_graph(model: nn.Module, path: Path, images: np.ndarray, where: str) -> float:
-    """The largest logit difference between `model` and the graph at `path` on `images`; UserError above the limit."""
+def check_against_graph(model: nn.Module, path: Path, images: np.ndarray, where: str) -> None:
+    """UserError when `model`'s logits on `images` differ from the graph's at `path` beyond the limit."""
     from training.onnx_export import ort_session, run_onnx
 
     expected = run_onnx(ort_session(path), images)[c.LOGITS_OUTPUT]
@@ -158,25 +153,16 @@ def check_against_graph(model: nn.Module, path: Path, images: np.ndarray, where:
     if difference > MAX_LOGIT_DIFFERENCE:
         raise UserError(f"{where}: the rebuilt network differs from model.onnx by {difference:.3g} in the logits "
                         f"(limit {MAX_LOGIT_DIFFERENCE}): its graph cannot be mapped back to a checkpoint")  # fmt: skip
-    return difference
 
 
 def version_checkpoint(model: CamClassifier | EnsembleCamClassifier, source: c.ModelContract, config: TrainConfig,
                        samples: list | None, ensemble: list | None = None) -> Checkpoint:  # fmt: skip
     """A checkpoint of `model`, with its own scores of the validation `samples` (what export and ensemble
     need), or with none when the version's validation images are not at hand (None)."""
-    from training.data import FaceDataset
-    from training.evaluate import predict, validation_metrics
+    from training.evaluate import score_samples
 
     size, grid = source.input_height, tuple(source.cam_shape)
-    metrics, scored = {}, ValPredictions()
-    if samples is not None:
-        dataset = FaceDataset(samples, size, grid, scale=source.scale or size)
-        predictions = predict(model, dataset, batch_size=32)
-        kept = [dataset.samples[int(i)] for i in predictions["indices"]]
-        metrics = validation_metrics(predictions["labels"], predictions["scores"], [s.source for s in kept])
-        scored = ValPredictions(paths=[str(s.path) for s in kept], labels=predictions["labels"].tolist(),
-                                scores=predictions["scores"].tolist(), sources=[s.source for s in kept])  # fmt: skip
+    metrics, scored = score_samples(model, samples, size, grid, source.scale or size) if samples is not None else ({}, ValPredictions())
     return Checkpoint(
         config=config,
         model=model.state_dict(),
@@ -232,24 +218,21 @@ def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = N
     base = {key: source.training[key] for key in ("guidance", "alpha", "cam_class", "val_fraction", "seed") if key in source.training}
     data_roots = (source.training.get("data") or {}).get("root")
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[tuple[Path, Checkpoint]] = []
     for index, (arch, network) in enumerate(zip(archs, networks)):
         record = records[index] if index < len(records) else {}
         config = TrainConfig(**{**base, "seed": record.get("seed", base.get("seed", 0))}, arch=arch, weights=str(folder),
                              image_size=source.input_height, scale=source.scale, data=data or data_roots or "", freeze_bn=samples is None)  # fmt: skip
+        checkpoint = version_checkpoint(network, source, config, samples)
         path = out / (f"member-{index}.pt" if len(networks) > 1 else "network.pt")
-        save_checkpoint(version_checkpoint(network, source, config, samples), path)
-        written.append(path)
+        save_checkpoint(checkpoint, path)
+        written.append((path, checkpoint))
     if len(networks) > 1:
-        from training.ensemble import build_ensemble, member_record
+        from training.ensemble import member_record
 
-        path = out / "ensemble.pt"
-        if samples is not None:
-            ensemble = build_ensemble(written)
-        else:
-            members = [member_record(member, read_checkpoint(member)) for member in written]
-            ensemble = version_checkpoint(model, source, read_checkpoint(written[0]).config, None, ensemble=members)
-        save_checkpoint(ensemble, path)
-        written.append(path)
-    warn_if_split_differs(source, read_checkpoint(written[-1]).val_metrics.get("auc"))  # the whole model's
-    return written
+        members = [member_record(path, checkpoint) for path, checkpoint in written]
+        ensemble = version_checkpoint(model, source, written[0][1].config, samples, ensemble=members)
+        save_checkpoint(ensemble, out / "ensemble.pt")
+        written.append((out / "ensemble.pt", ensemble))
+    warn_if_split_differs(source, written[-1][1].val_metrics.get("auc"))  # the whole model's
+    return [path for path, _ in written]

@@ -1,5 +1,5 @@
 """`cyborg checkpoint VERSION_FOLDER --out DIR`: a published fp32 version's networks as checkpoints again
-(training.from_version; docs/training.md#from-a-published-version)."""
+(training.from_version; docs/training.md#from-a-published-version-cyborg-checkpoint)."""
 
 from __future__ import annotations
 
