@@ -18,6 +18,10 @@ folder `cyborg train` reads), also how well each version's clean CAM agrees with
 brought onto the picture, cut to the region the server feeds the model (`core.images.input_region`)
 and reduced to that version's CAM grid, so an int8 or re-exported version's explanations are
 measured from the repository alone.
+
+Every AUC comes with its 95 % bootstrap interval (`training.intervals`: reals and fakes resampled
+separately), and every version after the first with its AUC difference from the first on the same
+images and resamples (paired): "-0.0025 [-0.0061, +0.0009]" is no difference at that confidence.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from core.thresholds import Calibration, expected_calibration_error
 from engines.cpu import exact_int8_entries
 from engines.runtime import OnnxRuntimeBackend
 from training.data import discover, split_samples
-from training.evaluate import binary_metrics, cam_agreement, per_source_metrics
+from training.evaluate import INTERVALS, auc_intervals, binary_metrics, cam_agreement, per_source_metrics
 from training.perturb import parse_perturbations
 from training.saliency import load_map, prepare_map
 
@@ -77,8 +81,10 @@ def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float
     sources = [s.source for s in samples]
     decoded = [read_image(s.path) for s in samples]
     stretched = stretched_maps(samples, decoded) if heatmaps is not None else None
-    report: dict = {"images": len(samples), "seed": seed, "val_fraction": val_fraction, "data": data, "models": {}}
+    report: dict = {"images": len(samples), "seed": seed, "val_fraction": val_fraction, "data": data, "models": {},
+                    "intervals": INTERVALS}  # fmt: skip
     timed = []  # (clean row, backend, prepared clean images) of every version, timed together at the end
+    first: dict[str, np.ndarray] = {}  # the first version's scores per change: the others' paired reference
     for folder in folders:
         contract = c.read_contract(folder)
         backend = OnnxRuntimeBackend(folder / c.ONNX_FILE, device="cpu", config_entries=exact_int8_entries(contract.int8_weight_bits))
@@ -90,14 +96,23 @@ def compare(folders: list[Path], data: list[str], seed: int, val_fraction: float
             scores = outputs[c.SCORE_OUTPUT]
             metrics = binary_metrics(labels, scores, contract.threshold)
             per_source = per_source_metrics(labels, scores, sources, contract.threshold)
+            intervals = auc_intervals(labels, scores, sources)
             rows[perturbation.name] = {
                 "auc": metrics["auc"],
+                "auc_ci": intervals.pop("all"),
+                "per_source_auc_ci": intervals,
                 "fpr_at_default": metrics["fpr"],
                 "tpr_at_default": metrics["tpr"],
                 "per_source_auc": {name: row["auc"] for name, row in per_source.items()},
                 "per_source_called_fake": {name: row["accuracy"] if name.endswith("fake") else 1 - row["accuracy"]
                                            for name, row in per_source.items()},
             }  # fmt: skip
+            if perturbation.name in first:
+                differences = auc_intervals(labels, scores, sources, reference=first[perturbation.name])
+                rows[perturbation.name]["auc_vs_first"] = differences.pop("all")
+                rows[perturbation.name]["per_source_auc_vs_first"] = differences
+            else:
+                first[perturbation.name] = scores
             if perturbation.name == "clean":
                 rows["clean"]["ece_probability"] = expected_calibration_error(labels, calibration.apply(scores))
                 if stretched is not None:
@@ -122,6 +137,18 @@ def images_per_second(models: list[tuple[OnnxRuntimeBackend, np.ndarray]], round
             run(backend, images)
             rate.append(len(images) / (time.perf_counter() - started))
     return [float(np.median(rate)) for rate in rates]
+
+
+def with_interval(auc: float | None, interval: list[float] | None) -> str:
+    """"0.9880 [0.979, 0.995]" (or "n/a")."""
+    if auc is None:
+        return "n/a"
+    return f"{auc:.4f}" + ("" if interval is None else f" [{interval[0]:.3f}, {interval[1]:.3f}]")
+
+
+def difference(paired: list[float] | None) -> str:
+    """"-0.0025 [-0.0061, +0.0009]": an AUC difference from the first version with its paired interval."""
+    return "n/a" if paired is None else f"{paired[0]:+.4f} [{paired[1]:+.4f}, {paired[2]:+.4f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,9 +176,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  CAM against the maps ({agreement['n_maps']} images): Pearson {agreement['pearson']:.4f}, "
                   f"mass in the map's top {agreement['top_fraction']:.0%} {agreement['mass_in_top_region']:.4f}")  # fmt: skip
         sources = sorted(clean["per_source_auc"])
-        print(f"  {'change':<12}{'AUC':>8}" + "".join(f"{s:>18}" for s in sources))
+        print(f"  {'change':<12}{'AUC [95 % interval]':>28}" + "".join(f"{s:>28}" for s in sources))
         for change, row in rows.items():
-            print(f"  {change:<12}{row['auc']:>8.4f}" + "".join(f"{row['per_source_auc'].get(s) or float('nan'):>18.4f}" for s in sources))
+            cells = [with_interval(row["auc"], row["auc_ci"])]
+            cells += [with_interval(row["per_source_auc"].get(s), row["per_source_auc_ci"].get(s)) for s in sources]
+            print(f"  {change:<12}" + "".join(f"{cell:>28}" for cell in cells))
+            if "auc_vs_first" in row:
+                cells = [difference(row["auc_vs_first"])] + [difference(row["per_source_auc_vs_first"].get(s)) for s in sources]
+                print(f"  {'  vs first':<12}" + "".join(f"{cell:>28}" for cell in cells))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -14,6 +14,7 @@ from engines.runtime import OnnxRuntimeBackend
 from tests.datasets import make_plain_dataset
 from tests.serving_fixtures import write_model_version
 from training.data import discover, split_samples
+from training.intervals import auc_difference_interval, auc_interval
 from training.saliency import prepare_map
 
 SEED, VAL_FRACTION = 0, 0.5
@@ -78,6 +79,12 @@ def test_reports_auc_per_source_and_cam_agreement_on_each_versions_input_region(
         assert clean["auc"] == pytest.approx(roc_auc_score(labels, scores))
         assert set(report["models"][f"tiny v{version}"]) == {"clean", "blur1"}
         assert clean["cam_agreement"]["n_maps"] == len(samples)
+        assert clean["auc_ci"] == list(auc_interval(labels, scores))
+        if version == "1":
+            first = scores
+        else:  # the second version's AUC against the first's, on the same images and resamples
+            assert clean["auc_vs_first"] == list(auc_difference_interval(labels, scores, first))
+    assert "auc_vs_first" not in report["models"]["tiny v1"]["clean"]
     # v1 sees the whole 40-px picture; v2 its centre 32 px, so its maps are cut there before reduction.
     whole, centre = (0, 0, 40, 40), (4, 4, 36, 36)
     v1, v2 = (report["models"][f"tiny v{v}"]["clean"]["cam_agreement"]["pearson"] for v in ("1", "2"))

@@ -23,6 +23,7 @@ from training.evaluate import (
     predict,
     top_region,
 )
+from training.intervals import auc_interval
 from training.model import cam_grid, create_classifier, default_normalisation, fake_probability, select_cam
 
 IMAGE_SIZE = 64  # test_resnet: a 2 x 2 CAM grid
@@ -239,6 +240,11 @@ def test_cli_end_to_end_on_the_authors_layout(tmp_path, capsys):
     assert results["accuracy"] == pytest.approx(((scores >= 0.47) == labels).mean(), abs=1e-4)
     progan = np.array(["progan" in row["path"] for row in rows]) | (labels == 0)
     assert results["per_source"]["progan"]["auc"] == pytest.approx(roc_auc_score(labels[progan], scores[progan]), abs=1e-4)
+    # each AUC with the bootstrap interval of the same pairs (training.intervals), printed beside it
+    assert results["auc_ci"] == list(auc_interval(labels, scores)) and results["intervals"]["confidence"] == 0.95
+    assert results["per_source"]["progan"]["auc_ci"] == list(auc_interval(labels[progan], scores[progan]))
+    low, high = results["auc_ci"]
+    assert low <= results["auc"] <= high and f"interval {low:.3f}-{high:.3f}" in printed
 
     assert results["calibration"]["calibration"] is None  # no validation predictions in this checkpoint to fit on
     assert 0 <= results["calibration"]["raw"]["ece"] <= 1 and results["files"]["reliability"] == "reliability.png"

@@ -1,4 +1,5 @@
-"""Evaluation: scores from a model, AUC / EER / accuracy overall and per source, CAM agreement, pictures.
+"""Evaluation: scores from a model, AUC / EER / accuracy overall and per source (AUC with its bootstrap
+interval, `training.intervals`), CAM agreement, pictures.
 
 Conventions: label 1 = fake (core.contract's class order), a score is the fake probability, and an
 image is called fake when its score is >= the threshold (`core.contract.called_fake`). The EER and
@@ -28,6 +29,7 @@ from core.thresholds import CALIBRATION_CHOICES, FALLBACK_THRESHOLD, equal_error
 from training.checkpoint import Checkpoint, ValPredictions, model_from_checkpoint, read_checkpoint
 from training.config import TrainConfig
 from training.data import FaceDataset, data_folders, discover, saliency_provenance, split_samples, summarise
+from training.intervals import CONFIDENCE, RESAMPLES, auc_difference_interval, auc_interval
 from training.distributed import resolve_device
 from training.model import CamClassifier, cam_grid, default_image_size, fake_probability, select_cam
 from training.perturb import Perturbation, parse_perturbations
@@ -120,6 +122,30 @@ def per_source_metrics(labels: np.ndarray, scores: np.ndarray, sources: Sequence
             "mean_score": float(scores[mine].mean()),
         }
     return table
+
+
+def auc_intervals(labels: np.ndarray, scores: np.ndarray, sources: Sequence,
+                  reference: np.ndarray | None = None) -> dict[str, list[float] | None]:  # fmt: skip
+    """The bootstrap interval (`training.intervals`) of the AUC overall ("all") and of each source's
+    AUC (the pairs of `source_masks`): [low, high]; with `reference` (another model's scores of the
+    same images) the paired interval of the AUC difference instead: [difference, low, high]. None
+    where a class is missing."""
+    labels, scores = _as_arrays(labels, scores)
+    names = source_names(sources, labels.size)
+    pairs = {"all": np.ones(labels.size, dtype=bool)}
+    for source in sorted(set(names)):
+        fakes, reals = source_masks(labels, names, source)
+        pairs[source] = fakes | reals
+    if reference is None:
+        intervals = {name: auc_interval(labels[pair], scores[pair]) for name, pair in pairs.items()}
+    else:
+        reference = np.asarray(reference, dtype=np.float64).ravel()
+        intervals = {name: auc_difference_interval(labels[pair], scores[pair], reference[pair]) for name, pair in pairs.items()}
+    return {name: None if interval is None else list(interval) for name, interval in intervals.items()}
+
+
+INTERVALS = {"confidence": CONFIDENCE, "resamples": RESAMPLES,
+             "method": "percentile bootstrap, reals and fakes resampled separately (training.intervals)"}  # fmt: skip
 
 
 def validation_metrics(labels: np.ndarray, scores: np.ndarray, sources: Sequence) -> dict[str, Any]:
@@ -381,13 +407,16 @@ def robustness_metrics(labels: np.ndarray, scores: np.ndarray, sources: Sequence
     labels, scores = _as_arrays(labels, scores)
     overall = binary_metrics(labels, scores, threshold)
     names = source_names(sources, labels.size)
+    intervals = auc_intervals(labels, scores, names)
     per_source = {}
     for source, row in per_source_metrics(labels, scores, names, threshold).items():
         fakes, reals = source_masks(labels, names, source)
         pair = fakes | reals
         eer = equal_error_rate(labels[pair], scores[pair])[0] if fakes.any() and reals.any() else None
-        per_source[source] = {"n": row["n"], "auc": row["auc"], "eer": eer, "accuracy": row["accuracy"], "tpr": row["tpr"], "fpr": row["fpr"]}
-    return {**{key: overall[key] for key in ("auc", "eer", "accuracy", "tpr", "fpr")}, "per_source": per_source}
+        per_source[source] = {"n": row["n"], "auc": row["auc"], "auc_ci": intervals[source], "eer": eer,
+                              "accuracy": row["accuracy"], "tpr": row["tpr"], "fpr": row["fpr"]}  # fmt: skip
+    return {**{key: overall[key] for key in ("auc", "eer", "accuracy", "tpr", "fpr")}, "auc_ci": intervals["all"],
+            "per_source": per_source}  # fmt: skip
 
 
 def perturbed_scores(
@@ -531,6 +560,10 @@ def evaluate_checkpoint(
     kept = [dataset.samples[i] for i in predictions["indices"]]
     labels, scores, sources = predictions["labels"], predictions["scores"], [s.source for s in kept]
     metrics = binary_metrics(labels, scores, threshold)
+    intervals = auc_intervals(labels, scores, sources)
+    per_source = per_source_metrics(labels, scores, sources, threshold)
+    for source, row in per_source.items():
+        row["auc_ci"] = intervals[source]
     has_map = predictions["has_saliency"]
     maps_kind = saliency_provenance(kept)
     agreement = cam_agreement(predictions["cams"], predictions["saliency"], has_map, labels)
@@ -550,10 +583,12 @@ def evaluate_checkpoint(
 
     results = {
         **{key: metrics[key] for key in ("auc", "eer", "accuracy", "threshold", "tpr", "fpr", "n_real", "n_fake")},
+        "auc_ci": intervals["all"],
+        "intervals": INTERVALS,
         "n_images": int(labels.size),
         "threshold_source": threshold_source,
         "eer_threshold_on_this_data": metrics["eer_threshold"],
-        "per_source": per_source_metrics(labels, scores, sources, threshold),
+        "per_source": per_source,
         "cam_agreement": None if agreement is None else {"maps": maps_kind, **agreement},
         "checkpoint": provenance,
         "data": {

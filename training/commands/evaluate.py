@@ -74,16 +74,22 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _interval(interval: list[float] | None) -> str:
+    return "" if interval is None else f"{interval[0]:.3f}-{interval[1]:.3f}"
+
+
 def summary(results: dict) -> str:
     """A short human-readable table of the results."""
     lines = [
         f"{results['n_images']} images ({results['n_real']} real, {results['n_fake']} fake), split {results['data']['split']}",
-        f"AUC {_fmt(results['auc'])}  EER {_fmt(results['eer'])}  accuracy {_fmt(results['accuracy'])} "
+        f"AUC {_fmt(results['auc'])} ({results['intervals']['confidence']:.0%} interval {_interval(results['auc_ci']) or 'n/a'})  "
+        f"EER {_fmt(results['eer'])}  accuracy {_fmt(results['accuracy'])} "
         f"at threshold {results['threshold']:.4g} ({results['threshold_source']})",
-        f"{'source':<20} {'n':>6} {'AUC':>8} {'accuracy':>9} {'mean score':>11}",
+        f"{'source':<20} {'n':>6} {'AUC':>8} {'interval':>13} {'accuracy':>9} {'mean score':>11}",
     ]
     for source, row in results["per_source"].items():
-        lines.append(f"{source:<20} {row['n']:>6} {_fmt(row['auc']):>8} {_fmt(row['accuracy']):>9} {row['mean_score']:>11.4g}")
+        lines.append(f"{source:<20} {row['n']:>6} {_fmt(row['auc']):>8} {_interval(row['auc_ci']):>13} "
+                     f"{_fmt(row['accuracy']):>9} {row['mean_score']:>11.4g}")  # fmt: skip
     agreement = results.get("cam_agreement")
     if agreement:
         lines.append(
@@ -107,11 +113,11 @@ def perturbation_table(table: dict) -> list[str]:
     """Lines of the robustness table: overall AUC, EER, accuracy and the AUC change from clean, then AUC per source."""
     sources = sorted({source for row in table.values() for source in row["per_source"]})
     width = max([8, *(len(source) for source in sources)]) if len(sources) > 1 else 0
-    header = f"{'perturbation':<12} {'AUC':>8} {'EER':>8} {'accuracy':>9} {'vs clean':>9}"
+    header = f"{'perturbation':<12} {'AUC':>8} {'interval':>13} {'EER':>8} {'accuracy':>9} {'vs clean':>9}"
     lines = [header + (" | AUC of " + " ".join(f"{s:>{width}}" for s in sources) if width else "")]
     for name, row in table.items():
         drop = "" if row["auc_vs_clean"] is None else f"{row['auc_vs_clean']:+.4f}"
-        line = f"{name:<12} {_fmt(row['auc']):>8} {_fmt(row['eer']):>8} {_fmt(row['accuracy']):>9} {drop:>9}"
+        line = f"{name:<12} {_fmt(row['auc']):>8} {_interval(row.get('auc_ci')):>13} {_fmt(row['eer']):>8} {_fmt(row['accuracy']):>9} {drop:>9}"
         if width:
             line += " |        " + " ".join(f"{_fmt(row['per_source'].get(s, {}).get('auc')):>{width}}" for s in sources)
         lines.append(line)
