@@ -61,6 +61,46 @@ def test_a_step_with_a_teacher_adds_the_weighted_term_and_never_changes_the_teac
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
 
 
+def test_a_clean_view_shows_the_teacher_the_framed_face_before_the_everyday_changes(tiny_data):
+    """With --distill-view clean the training items carry the same face, flipped and cropped alike, but
+    not blurred; the taught step hands that view to the teacher and the changed one to the student."""
+    from PIL import Image
+
+    from core.images import read_image, scale_to, to_chw
+    from training.augment import Augmenter, AugmentSettings
+    from training.data import FaceDataset, discover
+
+    samples = discover(str(tiny_data))[:4]
+    augmenter = Augmenter(AugmentSettings(names=("flip", "blur"), p=1.0, flip_p=1.0, blur_sigma=(2.0, 2.0)))
+    dataset = FaceDataset(samples, 24, (3, 3), scale=24, train=True, augmenter=augmenter, seed=5, teacher_view=True)
+    plain = FaceDataset(samples, 24, (3, 3), scale=24, train=True, augmenter=augmenter, seed=5)
+    item, same = dataset[1], plain[1]
+    assert "teacher_image" not in same and torch.equal(item["image"], same["image"])  # the student's view is unchanged
+    flipped = scale_to(read_image(samples[1].path), 24).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert torch.equal(item["teacher_image"], torch.from_numpy(to_chw(flipped)))  # flipped, not blurred
+    assert item["image"].float().std() < item["teacher_image"].float().std()  # the student's copy is the blurred one
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images):
+            seen.append(images)
+            return student(images)
+
+    student = create_classifier("cyborg_local_tiny")
+    batch = {"image": item["image"][None].float(), "teacher_image": item["teacher_image"][None].float(), "label": item["label"][None]}
+    with_teacher(get_method("ce"), Recorder(), weight=1.0, temperature=2.0)(student, batch, TrainConfig(guidance="ce"))
+    assert len(seen) == 1 and torch.equal(seen[0], batch["teacher_image"])
+
+
+def test_a_clean_view_run_trains_and_is_recorded(tiny_data, teacher_run, tmp_path):
+    config = tiny_config(tiny_data, tmp_path / "clean", guidance="ce", alpha=1.0, epochs=1, augment="flip,blur,jpeg",
+                         augment_p=0.5, teacher=str(teacher_run / "best.pt"), distill_view="clean")  # fmt: skip
+    fit(config, progress=False)
+    row = json.loads((tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["train_distill"] > 0 and read_checkpoint(tmp_path / "clean" / "last.pt").config.distill_view == "clean"
+
+
 def biased_teacher(run: Path, out: Path) -> Path:
     """The run's network with its head's bias set so it calls nearly everything fake: a teacher unlike the labels."""
     checkpoint = read_checkpoint(run / "best.pt")
@@ -93,6 +133,7 @@ def test_a_student_run_logs_the_teacher_term_and_follows_the_teacher(tiny_data, 
     folder = export_checkpoint(ExportRequest(tmp_path / "taught" / "best.pt", tmp_path / "repo", "student", 1, calibrate="none"))
     record = json.loads((folder / "model.json").read_text())["training"]["teacher"]
     assert record["checkpoint"] == str(teacher_path) and record["distill_weight"] == 5.0 and record["distill_temperature"] == 2.0
+    assert record["distill_view"] == "augmented"
     assert record["checkpoint_sha256"] == sha256_file(teacher_path)
 
 
@@ -110,6 +151,8 @@ def test_a_teacher_at_another_input_size_or_a_missing_one_is_refused(teacher_run
     [
         (["--distill-weight", "-1"], r"--distill-weight -1.0: must be at least 0"),
         (["--distill-temperature", "0"], r"--distill-temperature 0.0: must be above 0"),
+        (["--distill-view", "sharp"], r"--distill-view 'sharp': choose one of augmented, clean"),
+        (["--distill-view", "clean", "--augment", "everyday"], r"--distill-view clean shows the teacher the image before"),
     ],
 )
 def test_bad_distillation_settings_are_named(tiny_data, tmp_path, capsys, flags, message):

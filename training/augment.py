@@ -12,7 +12,9 @@ image, in relative coordinates, so a map at another resolution stays aligned. Th
 from `rng`, in a fixed order, so one rng state gives one result.
 
 The order is the one a photo meets them in: framing (flip, shift), colour, a smaller copy, blur,
-then re-compression. The codecs and filters are Pillow's, through `training.perturb`.
+then re-compression. The codecs and filters are Pillow's, through `training.perturb`. A call is
+`frame` (the geometric changes) then `degrade` (the rest) on the same rng, so a caller can keep the
+framed image before its everyday changes (a teacher's clean view, `--distill-view clean`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from core.errors import UserError
 from training import perturb
 from training.config import AUGMENTATIONS, TrainConfig, augmentation_names
 
+GEOMETRIC = ("flip", "shift")  # the changes that move the map with the image; the others change pixels only
 RESIZE_FILTERS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX)
 
 
@@ -101,12 +104,26 @@ class Augmenter:
     def __call__(
         self, image: Image.Image, saliency: np.ndarray | None, rng: random.Random
     ) -> tuple[Image.Image, np.ndarray | None]:
+        image, saliency = self.frame(image, saliency, rng)
+        return self.degrade(image, rng), saliency
+
+    def frame(self, image: Image.Image, saliency: np.ndarray | None, rng: random.Random) -> tuple[Image.Image, np.ndarray | None]:
+        """The geometric changes alone (flip, shift; the map follows): the first half of a call."""
         if image.mode != "RGB":
             raise ValueError(f"the augmenter takes RGB images, not {image.mode}")
         if saliency is not None and np.ndim(saliency) != 2:
             raise ValueError(f"saliency must be a 2-D map, not shape {np.shape(saliency)}")
+        return self._apply([name for name in self.names if name in GEOMETRIC], image, saliency, rng)
+
+    def degrade(self, image: Image.Image, rng: random.Random) -> Image.Image:
+        """The everyday changes of the pixels alone (colour, resize, blur, jpeg, webp): the second half
+        of a call, drawing from `rng` where `frame` stopped."""
+        return self._apply([name for name in self.names if name not in GEOMETRIC], image, None, rng)[0]
+
+    def _apply(self, names: list[str], image: Image.Image, saliency: np.ndarray | None,
+               rng: random.Random) -> tuple[Image.Image, np.ndarray | None]:  # fmt: skip
         size = image.size
-        for name in self.names:
+        for name in names:
             chance = self.settings.flip_p if name == "flip" else self.settings.p
             if rng.random() < chance:
                 image, saliency = getattr(self, f"_{name}")(image, saliency, rng)

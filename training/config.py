@@ -16,6 +16,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 # training.augment's changes, in the order it applies them; "everyday" names them all (a test keeps the two in step)
 AUGMENTATIONS = ("flip", "shift", "colour", "resize", "blur", "jpeg", "webp")
+DISTILL_VIEWS = ("augmented", "clean")
 
 
 @dataclasses.dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     teacher: str | None = None  # a checkpoint (one network or a `cyborg ensemble`) at the student's input size and scale
     distill_weight: float = 1.0  # loss += distill_weight * T^2 * KL(teacher_T || student_T)
     distill_temperature: float = 2.0  # T: both models' logits divided by it before the softmax
+    distill_view: str = "augmented"  # what the teacher sees: the student's image, or "clean" (before the everyday changes)
     # optimisation (the paper's recipe)
     epochs: int = 50
     batch_size: int = 20
@@ -102,6 +104,11 @@ class TrainConfig:
             raise UserError(f"--distill-weight {self.distill_weight}: must be at least 0")
         if not self.distill_temperature > 0.0:
             raise UserError(f"--distill-temperature {self.distill_temperature}: must be above 0")
+        if self.distill_view not in DISTILL_VIEWS:
+            raise UserError(f"--distill-view {self.distill_view!r}: choose one of {', '.join(DISTILL_VIEWS)}")
+        if self.distill_view == "clean" and not (self.teacher and augmentation_names(self.augment)):
+            raise UserError("--distill-view clean shows the teacher the image before the everyday changes: "
+                            "it needs --teacher and an --augment other than none")  # fmt: skip
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"--ema-decay {self.ema_decay}: must be in [0, 1) (0 turns the average off)")
         if not 0.0 < self.val_fraction < 1.0:

@@ -20,8 +20,9 @@ import logging
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from core.errors import UserError
 from core.contract import CLASS_NAMES, FAKE_INDEX, LEGACY_SCALE, REAL_INDEX
 from core.images import crop_box, is_image_file, read_image, scale_to, scaled_size, to_chw, to_model_input
 from training.saliency import load_map, prepare_map, read_provenance
+
+if TYPE_CHECKING:
+    from training.augment import Augmenter
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +247,9 @@ class FaceDataset(torch.utils.data.Dataset):
     `train=True`, the crop is taken at a random place instead of the centre and `augmenter` (if any)
     changes the scaled image first; the saliency map follows every geometric change. Randomness
     depends only on (seed, epoch, index): items are addressed as `epoch * len(dataset) + index`
-    (see `EpochSampler`), so a resumed run and worker processes see the same images.
+    (see `EpochSampler`), so a resumed run and worker processes see the same images. With
+    `teacher_view` (training with an augmenter), items also carry "teacher_image": the same framing and
+    crop without the everyday changes of the pixels (`--distill-view clean`).
     """
 
     def __init__(
@@ -254,12 +260,14 @@ class FaceDataset(torch.utils.data.Dataset):
         skip_unreadable: bool = False,
         scale: int = LEGACY_SCALE,
         train: bool = False,
-        augmenter: Callable | None = None,
+        augmenter: Augmenter | None = None,
         seed: int = 0,
+        teacher_view: bool = False,
     ):
         self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.cam_grid = (int(cam_grid[0]), int(cam_grid[1]))
         self.scale, self.train, self.augmenter, self.seed = int(scale or LEGACY_SCALE), train, augmenter, seed
+        self.teacher_view = teacher_view and train and augmenter is not None
         with ThreadPoolExecutor(max_workers=8) as pool:  # header reads: I/O bound
             reasons = list(pool.map(sample_problem, samples))
         problems = [f"{sample.path} ({reason})" for sample, reason in zip(samples, reasons) if reason]
@@ -276,19 +284,21 @@ class FaceDataset(torch.utils.data.Dataset):
     def rebuilt(self, samples: Sequence[Sample]) -> FaceDataset:
         """The same preparation over other samples."""
         return FaceDataset(samples, (self.height, self.width), self.cam_grid, scale=self.scale, train=self.train,
-                           augmenter=self.augmenter, seed=self.seed)  # fmt: skip
+                           augmenter=self.augmenter, seed=self.seed, teacher_view=self.teacher_view)  # fmt: skip
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         epoch, index = divmod(int(item), len(self.samples))
         sample = self.samples[index]
         image = read_image(sample.path)  # ImageError names the file
         whole = self.scale == LEGACY_SCALE or scaled_size(image.size, self.scale) == (self.width, self.height)
+        views = {}
         if whole and not (self.train and self.augmenter is not None):
             pixels, saliency = self.untouched(image, sample)
         else:
-            pixels, saliency = self.transformed(image, sample, random.Random(f"{self.seed}:{epoch}:{index}"))
+            pixels, saliency, views = self.transformed(image, sample, random.Random(f"{self.seed}:{epoch}:{index}"))
         return {
             "image": torch.from_numpy(pixels),
+            **{name: torch.from_numpy(view) for name, view in views.items()},
             "label": torch.tensor(sample.label, dtype=torch.long),
             "saliency": saliency,
             "has_saliency": torch.tensor(sample.map_path is not None),
@@ -304,25 +314,31 @@ class FaceDataset(torch.utils.data.Dataset):
             self.prepared_maps[sample.map_path] = torch.from_numpy(prepare_map(sample.map_path, self.cam_grid))
         return pixels, self.prepared_maps[sample.map_path].clone()
 
-    def transformed(self, image: Image.Image, sample: Sample, rng: random.Random) -> tuple[np.ndarray, torch.Tensor]:
-        """Scale, (augment,) crop; the map at the scaled image's size goes through the same steps."""
+    def transformed(self, image: Image.Image, sample: Sample,
+                    rng: random.Random) -> tuple[np.ndarray, torch.Tensor, dict[str, np.ndarray]]:  # fmt: skip
+        """Scale, (augment,) crop; the map at the scaled image's size goes through the same steps.
+        The dict holds "teacher_image" with `teacher_view`: the framed image, cropped alike."""
         image = scale_to(image, self.scale)
         saliency = None
         if sample.map_path is not None:
             full = Image.fromarray(load_map(sample.map_path), mode="F").resize(image.size, Image.Resampling.BILINEAR)
             saliency = np.asarray(full, dtype=np.float32)
+        framed = None
         if self.train and self.augmenter is not None:
-            image, saliency = self.augmenter(image, saliency, rng)
+            image, saliency = self.augmenter.frame(image, saliency, rng)
+            framed = image
+            image = self.augmenter.degrade(image, rng)
         if self.train:
             left, top = rng.randint(0, image.width - self.width), rng.randint(0, image.height - self.height)
             box = crop_box(image.size, self.height, self.width, left, top)
         else:
             box = crop_box(image.size, self.height, self.width)
         pixels = to_chw(image.crop(box))
+        views = {"teacher_image": to_chw(framed.crop(box))} if self.teacher_view else {}
         if saliency is None:
-            return pixels, torch.zeros(self.cam_grid, dtype=torch.float32)
+            return pixels, torch.zeros(self.cam_grid, dtype=torch.float32), views
         cropped = saliency[box[1]:box[3], box[0]:box[2]]
-        return pixels, torch.from_numpy(prepare_map(cropped, self.cam_grid))
+        return pixels, torch.from_numpy(prepare_map(cropped, self.cam_grid)), views
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

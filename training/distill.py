@@ -3,7 +3,10 @@
 Hinton et al. (2015), "Distilling the knowledge in a neural network": the student's loss gains
 `weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))` beside its own loss (CE and the
 guidance term), so one network can learn what several averaged networks say, at one network's cost.
-The teacher sees exactly the student's batch (the same augmentation), in eval mode, without gradients.
+The teacher sees the student's batch (the same augmentation), in eval mode, without gradients; with
+`--distill-view clean` it sees the same faces, framed and cropped alike, before the everyday changes of
+the pixels (the batch's "teacher_image"), so the student learns to say on a blurred or re-compressed
+face what the teacher says on the clean one.
 """
 
 from __future__ import annotations
@@ -49,12 +52,13 @@ def load_teacher(path: str | Path, image_size: int, scale: int, device: torch.de
 
 
 def with_teacher(method: GuidanceMethod, teacher: nn.Module, weight: float, temperature: float) -> GuidanceMethod:
-    """`method`'s training step plus the distillation term toward `teacher`'s logits on the same images."""
+    """`method`'s training step plus the distillation term toward `teacher`'s logits on the same images
+    (the batch's "teacher_image" where it has one: `--distill-view clean`)."""
 
     def step(model: nn.Module, batch: dict[str, torch.Tensor], config) -> StepResult:
         result = method(model, batch, config)
         with torch.no_grad():
-            teacher_logits = teacher(batch["image"]).logits
+            teacher_logits = teacher(batch.get("teacher_image", batch["image"])).logits
         term = distillation_loss(result.logits, teacher_logits, temperature)
         return dataclasses.replace(result, loss=result.loss + weight * term, distillation=term)
 

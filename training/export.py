@@ -278,6 +278,7 @@ def teacher_record(config) -> dict[str, Any]:
         **({"checkpoint_sha256": c.sha256_file(path)} if path.is_file() else {}),
         "distill_weight": config.distill_weight,
         "distill_temperature": config.distill_temperature,
+        "distill_view": config.distill_view,
     }
 
 

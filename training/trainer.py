@@ -106,7 +106,9 @@ def load_data(config: TrainConfig, image_size: int, grid: tuple[int, int]) -> Da
     scale = config.scale or image_size
     prepared = dict(image_size=image_size, cam_grid=grid, skip_unreadable=config.skip_unreadable, scale=scale, seed=config.seed)
     augmenter = make_augmenter(config)
-    train = decode_all(FaceDataset(splits["train"], train=True, augmenter=augmenter, **prepared), config.workers, config.skip_unreadable)
+    teacher_view = bool(config.teacher) and config.distill_view == "clean"
+    train = decode_all(FaceDataset(splits["train"], train=True, augmenter=augmenter, teacher_view=teacher_view, **prepared),
+                       config.workers, config.skip_unreadable)  # fmt: skip
     val = decode_all(FaceDataset(splits["val"], **prepared), config.workers, config.skip_unreadable)
     saliency = saliency_provenance(train.samples)
     summary = {
@@ -213,7 +215,9 @@ def autocast(device: torch.device, enabled: bool):
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
     moved = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
     if channels_last:
-        moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
+        for key in ("image", "teacher_image"):
+            if key in moved:
+                moved[key] = moved[key].contiguous(memory_format=torch.channels_last)
     return moved
 
 

@@ -30,6 +30,9 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
                   "(default: none; see docs/training.md)"),
     "--distill-weight": ("distill_weight", float, "weight of the teacher term, weight * T^2 * KL (default: 1)"),
     "--distill-temperature": ("distill_temperature", float, "temperature T of the teacher term (default: 2)"),
+    "--distill-view": ("distill_view", str, "what the teacher sees: augmented (the student's image) or clean (the same framing "
+                       "without the everyday changes of the pixels, so the student learns to say on a changed face what "
+                       "the teacher says on the clean one) (default: augmented)"),
     "--epochs": ("epochs", int, "epochs (default: 50)"),
     "--batch-size": ("batch_size", int, "batch size per process (default: 20)"),
     "--image-size": ("image_size", int, "input side in pixels (default: the architecture's, 224 or 299)"),
