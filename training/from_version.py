@@ -69,13 +69,13 @@ def norm_after(modules: list[tuple[str, nn.Module]], position: int) -> tuple[str
 
 
 def rebuild_network(arch: str, source: c.ModelContract, graph: tuple[dict[str, np.ndarray], dict[str, str]], prefix: str,
-                    where: str) -> tuple[CamClassifier, list[tuple[nn.Conv2d, nn.Module]]]:  # fmt: skip
+                    where: str) -> tuple[CamClassifier, list[tuple[str, nn.Conv2d, nn.Module]]]:  # fmt: skip
     """`arch` with the graph's weights under `prefix`, folded BatchNorms restored as identity + the folded
-    bias; and those (convolution, norm) pairs."""
+    bias; and those (convolution's name, convolution, norm)."""
     weights, biases = graph
     network = create_classifier(arch, tuple(source.mean), tuple(source.std))
     modules = list(network.named_modules())
-    folded: dict[str, tuple[nn.Conv2d, nn.Module]] = {}  # norm name -> (its convolution, the norm)
+    folded: dict[str, tuple[str, nn.Conv2d, nn.Module]] = {}  # norm name -> (its convolution's name, it, the norm)
     with torch.no_grad():
         for position, (name, module) in enumerate(modules):
             if not name or name in folded:
@@ -92,7 +92,7 @@ def rebuild_network(arch: str, source: c.ModelContract, graph: tuple[dict[str, n
                 norm.bias.copy_(torch.from_numpy(bias) if bias is not None else torch.zeros_like(norm.bias))
                 norm.running_mean.zero_()
                 norm.running_var.fill_(1.0 - norm.eps)
-                folded[norm_name] = (module, norm)
+                folded[norm_name] = (name, module, norm)
                 continue
             for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
                 stored = weights.get(f"{prefix}{name}.{key}")
@@ -104,15 +104,36 @@ def rebuild_network(arch: str, source: c.ModelContract, graph: tuple[dict[str, n
     return network.eval(), list(folded.values())
 
 
-def restore_norm_statistics(network: CamClassifier, folded: list[tuple[nn.Conv2d, nn.Module]], images: np.ndarray,
-                            batch: int = 32) -> None:  # fmt: skip
+def imagenet_channel_norms(arch: str) -> dict[str, torch.Tensor]:
+    """Each convolution's per-output-channel weight norm in `arch`'s packaged ImageNet weights, by its
+    module name in a CamClassifier ("backbone.conv_stem"); empty for an architecture without them."""
+    from training.weights import PACKAGED_WEIGHTS, packaged_imagenet_state_dict
+
+    if arch not in PACKAGED_WEIGHTS:
+        return {}
+    try:
+        state = packaged_imagenet_state_dict(arch)
+    except UserError:
+        return {}
+    return {f"backbone.{key.removesuffix('.weight')}": value.flatten(1).norm(dim=1)
+            for key, value in state.items() if key.endswith(".weight") and value.dim() == 4}  # fmt: skip
+
+
+def restore_norm_statistics(network: CamClassifier, folded: list[tuple[str, nn.Conv2d, nn.Module]], images: np.ndarray,
+                            reference: dict[str, torch.Tensor] | None = None, batch: int = 32) -> None:  # fmt: skip
     """Give each folded BatchNorm of `network` back statistics measured on `images`, keeping the function.
 
     A folded convolution computes z = W'x, its norm adds the folded bias b'. With z's per-channel
-    mean m and variance v over the images and s = sqrt(v + eps): W' / s, running mean m / s, running
-    variance v / s^2, weight s * sqrt(v / s^2 + eps), bias b' + m. In eval mode that is W'x + b'
-    again; in train mode the norm sees batches like the ones it measured, so the network trains as a
-    normally trained one does (no --freeze-bn needed)."""
+    mean m and variance v over the images and a per-channel divisor d: W' / d, running mean m / d,
+    running variance v / d^2, weight d * sqrt(v / d^2 + eps), bias b' + m. In eval mode that is
+    W'x + b' again; in train mode the norm sees batches like the ones it measured, so the network
+    trains as a normally trained one does (no --freeze-bn needed). d gives each output channel of the
+    convolution the norm `reference` holds for it (by the convolution's name: the network's weights
+    before training, such as `imagenet_channel_norms`), so the weights are back at the size they were
+    trained at: AdamW moves every weight by about the learning rate whatever its size, and a weight
+    ten times too small would change ten times too fast. Without a reference, d = sqrt(v + eps)
+    (unit-variance outputs)."""
+    reference = reference or {}
     sums: list[list[torch.Tensor]] = [[] for _ in folded]  # per pair: [sum z, sum z^2, count] per channel, per batch
 
     def record(index: int):
@@ -121,18 +142,23 @@ def restore_norm_statistics(network: CamClassifier, folded: list[tuple[nn.Conv2d
             sums[index].append(torch.stack([z.sum(dim=(0, 2, 3)), (z * z).sum(dim=(0, 2, 3)), torch.full_like(z[0, :, 0, 0], z[:, 0].numel())]))
         return hook
 
-    handles = [norm.register_forward_pre_hook(record(index)) for index, (_, norm) in enumerate(folded)]
+    handles = [norm.register_forward_pre_hook(record(index)) for index, (_, _, norm) in enumerate(folded)]
     with torch.no_grad():
         for start in range(0, len(images), batch):
             network(torch.from_numpy(images[start : start + batch]))
     for handle in handles:
         handle.remove()
     with torch.no_grad():
-        for (conv, norm), measured in zip(folded, sums):
+        for (name, conv, norm), measured in zip(folded, sums):
             total, squares, count = torch.stack(measured).sum(dim=0)
             mean = total / count
             variance = (squares / count - mean * mean).clamp_min(0)
             scale = torch.sqrt(variance + norm.eps)
+            target = reference.get(name)
+            if target is not None and target.shape == scale.shape:
+                current = conv.weight.double().flatten(1).norm(dim=1)
+                usable = (target > 0) & (current > 0)
+                scale = torch.where(usable, current / target.double().clamp_min(1e-12), scale)
             conv.weight.div_(scale.view(-1, *[1] * (conv.weight.dim() - 1)).to(conv.weight.dtype))
             if conv.bias is not None:
                 conv.bias.div_(scale.to(conv.bias.dtype))
@@ -209,8 +235,8 @@ def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = N
 
         images = load_images(spread([str(sample.path) for sample in samples], NORM_IMAGES), source.input_height,
                              source.input_width, source.scale or source.input_height)  # fmt: skip
-        for network, folded in rebuilt:
-            restore_norm_statistics(network, folded, images)
+        for arch, (network, folded) in zip(archs, rebuilt):
+            restore_norm_statistics(network, folded, images, reference=imagenet_channel_norms(arch))
     model = EnsembleCamClassifier(networks).eval() if len(networks) > 1 else networks[0]
     rng = np.random.default_rng(0)
     check_against_graph(model, folder / c.ONNX_FILE, rng.integers(0, 256, (check_images, *source.input_shape), dtype=np.uint8), where)
