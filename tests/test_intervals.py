@@ -38,6 +38,8 @@ def test_covers_the_true_auc_about_as_often_as_it_claims():
 def test_perfect_separation_a_missing_class_and_ties():
     assert auc_interval([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == (1.0, 1.0)
     assert auc_interval([0, 0, 0], [0.1, 0.2, 0.3]) is None
+    assert auc_interval([0, 0, 1], [0.1, 0.2, 0.3]) is None  # one fake: nothing to resample
+    assert auc_difference_interval([0, 1, 1], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1]) is None
     assert auc_interval([0, 0, 1, 1], [0.5, 0.5, 0.5, 0.5]) == (0.5, 0.5)  # ties count half, as roc_auc_score
 
 

@@ -19,6 +19,7 @@ from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.config import TrainConfig
 from training.data import FaceDataset, discover
 from training.evaluate import binary_metrics, predict
+from training.intervals import auc_interval
 from training.trainer import TrainingDiverged, fit
 
 DOCUMENTED_KEYS = {
@@ -83,8 +84,11 @@ def test_checkpoint_holds_every_documented_key_and_rebuilds_the_model(two_epoch_
     np.testing.assert_allclose(fresh["scores"], predictions["scores"], atol=1e-5)
     assert fresh["labels"].tolist() == predictions["labels"]
     assert binary_metrics(predictions["labels"], predictions["scores"])["auc"] == last["val_metrics"]["auc"]
+    assert last["val_metrics"]["auc_ci"] == list(auc_interval(predictions["labels"], predictions["scores"]))
     rows = [json.loads(line) for line in (two_epoch_run / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2] and rows[1]["lr"] == pytest.approx(0.01)
+    assert rows[1]["val_auc_ci"] == last["val_metrics"]["auc_ci"]  # each epoch's AUC with its interval
+    assert rows[1]["val_auc_ci"][0] <= rows[1]["val_auc"] <= rows[1]["val_auc_ci"][1]
 
 
 def test_an_existing_run_needs_resume_and_the_same_settings(tiny_data, two_epoch_run):

@@ -149,8 +149,11 @@ INTERVALS = {"confidence": CONFIDENCE, "resamples": RESAMPLES,
 
 
 def validation_metrics(labels: np.ndarray, scores: np.ndarray, sources: Sequence) -> dict[str, Any]:
-    """What a checkpoint records of its validation split: `binary_metrics` at the EER threshold plus AUC per source."""
+    """What a checkpoint records of its validation split: `binary_metrics` at the EER threshold, the AUC's
+    bootstrap interval (`auc_ci`) and AUC per source."""
     metrics = binary_metrics(labels, scores)
+    interval = auc_interval(labels, scores)
+    metrics["auc_ci"] = None if interval is None else list(interval)
     per_source = per_source_metrics(labels, scores, sources, metrics["threshold"])
     metrics["source_auc"] = {source: row["auc"] for source, row in per_source.items()}
     return metrics

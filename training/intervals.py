@@ -20,6 +20,7 @@ from scipy.stats import bootstrap, mannwhitneyu
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 SEED = 0
+MIN_PER_CLASS = 2  # images of each class a resample needs to vary; fewer: no interval (None)
 
 
 def _auc(fake_scores: np.ndarray, real_scores: np.ndarray) -> np.ndarray:
@@ -31,7 +32,7 @@ def _auc(fake_scores: np.ndarray, real_scores: np.ndarray) -> np.ndarray:
 def _indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     labels = np.asarray(labels).ravel()
     reals, fakes = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
-    return (reals, fakes) if reals.size and fakes.size else None
+    return (reals, fakes) if reals.size >= MIN_PER_CLASS and fakes.size >= MIN_PER_CLASS else None
 
 
 def _percentile_interval(groups: tuple[np.ndarray, np.ndarray], statistic, confidence: float, resamples: int,
@@ -43,7 +44,7 @@ def _percentile_interval(groups: tuple[np.ndarray, np.ndarray], statistic, confi
 
 def auc_interval(labels: np.ndarray, scores: np.ndarray, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
                  seed: int = SEED) -> tuple[float, float] | None:  # fmt: skip
-    """(low, high) of the AUC of `scores` (label 1 = fake), or None when a class is missing."""
+    """(low, high) of the AUC of `scores` (label 1 = fake), or None with fewer than MIN_PER_CLASS images of a class."""
     groups = _indices(labels)
     if groups is None:
         return None
@@ -58,7 +59,8 @@ def auc_interval(labels: np.ndarray, scores: np.ndarray, confidence: float = CON
 def auc_difference_interval(labels: np.ndarray, scores: np.ndarray, reference: np.ndarray, confidence: float = CONFIDENCE,
                             resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float, float] | None:  # fmt: skip
     """(AUC of `scores` minus AUC of `reference`, low, high), both scored on the same images and
-    resampled together; None when a class is missing. An interval that holds 0 is no difference."""
+    resampled together; None with fewer than MIN_PER_CLASS images of a class. An interval that holds 0
+    is no difference."""
     groups = _indices(labels)
     if groups is None:
         return None
