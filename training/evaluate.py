@@ -29,8 +29,8 @@ from core.thresholds import CALIBRATION_CHOICES, FALLBACK_THRESHOLD, equal_error
 from training.checkpoint import Checkpoint, ValPredictions, model_from_checkpoint, read_checkpoint
 from training.config import TrainConfig
 from training.data import FaceDataset, data_folders, discover, saliency_provenance, split_samples, summarise
-from training.intervals import CONFIDENCE, RESAMPLES, auc_difference_interval, auc_interval
 from training.distributed import resolve_device
+from training.intervals import CONFIDENCE, RESAMPLES, auc_difference_interval, auc_interval
 from training.model import CamClassifier, cam_grid, default_image_size, fake_probability, select_cam
 from training.perturb import Perturbation, parse_perturbations
 from training.reliability import calibration_report
@@ -129,7 +129,7 @@ def auc_intervals(labels: np.ndarray, scores: np.ndarray, sources: Sequence,
     """The bootstrap interval (`training.intervals`) of the AUC overall ("all") and of each source's
     AUC (the pairs of `source_masks`): [low, high]; with `reference` (another model's scores of the
     same images) the paired interval of the AUC difference instead: [difference, low, high]. None
-    where a class is missing."""
+    where a class has too few images (`training.intervals.MIN_PER_CLASS`)."""
     labels, scores = _as_arrays(labels, scores)
     names = source_names(sources, labels.size)
     pairs = {"all": np.ones(labels.size, dtype=bool)}

@@ -72,6 +72,4 @@ def auc_difference_interval(labels: np.ndarray, scores: np.ndarray, reference: n
     def statistic(reals: np.ndarray, fakes: np.ndarray, axis: int = -1) -> np.ndarray:
         return _auc(scores[fakes], scores[reals]) - _auc(reference[fakes], reference[reals])
 
-    reals, fakes = groups
-    difference = float(_auc(scores[fakes], scores[reals]) - _auc(reference[fakes], reference[reals]))
-    return (difference, *_percentile_interval(groups, statistic, confidence, resamples, seed))
+    return (float(statistic(*groups)), *_percentile_interval(groups, statistic, confidence, resamples, seed))
