@@ -16,7 +16,13 @@ from tests.test_requantize import checkpoint_trained_on, write_data
 from training.checkpoint import model_from_checkpoint, read_checkpoint
 from training.data import discover, split_samples
 from training.model import create_classifier
-from training.from_version import graph_weights, imagenet_channel_norms, rebuild_network, restore_norm_statistics
+from training.from_version import (
+    graph_weights,
+    imagenet_channel_norms,
+    rebuild_network,
+    resize_identity_norms,
+    restore_norm_statistics,
+)
 from training.onnx_export import ort_session, run_onnx
 
 
@@ -129,6 +135,28 @@ def test_a_reference_puts_the_convolutions_back_at_their_trained_size(repository
         np.testing.assert_allclose(sized.eval()(x).logits.numpy(), trained.eval()(x).logits.numpy(), atol=1e-4)
         np.testing.assert_allclose(sized.train()(x).logits.numpy(), sized.eval()(x).logits.numpy(), atol=5e-3)
     assert imagenet_channel_norms("test_resnet") == {}  # no packaged weights: unit variance
+
+
+def test_without_images_the_identity_norms_take_the_size_and_the_function_stays(repository):
+    """No statistics to measure (a user without the version's data): the convolutions still come back
+    at the reference's size, and the identity norms scale back, so eval mode computes the graph."""
+    repo, data, seeds = repository
+    trained, _ = model_from_checkpoint(read_checkpoint(seeds[0]))
+    norms = {name: module.weight.detach().flatten(1).norm(dim=1) for name, module in trained.named_modules()
+             if isinstance(module, torch.nn.Conv2d)}  # fmt: skip
+    network, folded = rebuild_network("test_resnet", c.read_contract(repo / "det" / "1"),
+                                      graph_weights(repo / "det" / "1" / c.ONNX_FILE), "model.", "det/1")  # fmt: skip
+    x = torch.from_numpy(validation_images(data))
+    with torch.no_grad():
+        before = network.eval()(x).logits.numpy()
+    resize_identity_norms(folded, norms)
+    modules = dict(trained.named_modules())
+    for name, conv, norm in folded:
+        kept = conv.weight.detach().flatten(1).norm(dim=1) > 0
+        torch.testing.assert_close(conv.weight.detach().flatten(1).norm(dim=1)[kept], norms[name][kept], rtol=1e-4, atol=1e-6)
+        assert float(norm.running_mean.abs().max()) == 0.0  # still no statistics
+    with torch.no_grad():
+        np.testing.assert_allclose(network.eval()(x).logits.numpy(), before, atol=1e-4)
 
 
 def test_packaged_imagenet_norms_name_the_backbones_convolutions():

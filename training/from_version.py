@@ -119,6 +119,35 @@ def imagenet_channel_norms(arch: str) -> dict[str, torch.Tensor]:
             for key, value in state.items() if key.endswith(".weight") and value.dim() == 4}  # fmt: skip
 
 
+def channel_divisor(conv: nn.Conv2d, target: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """Per output channel, what to divide `conv`'s weights by: the factor that gives them `target`'s
+    norms where both norms are above 0, else `fallback` (float64)."""
+    fallback = fallback.double()
+    if target is None or target.shape != fallback.shape:
+        return fallback
+    current = conv.weight.detach().double().flatten(1).norm(dim=1)
+    usable = (target > 0) & (current > 0)
+    return torch.where(usable, current / target.double().clamp_min(1e-12), fallback)
+
+
+def divide_channels(conv: nn.Conv2d, divisor: torch.Tensor) -> None:
+    """`conv`'s weights (and bias) divided per output channel."""
+    conv.weight.div_(divisor.view(-1, *[1] * (conv.weight.dim() - 1)).to(conv.weight.dtype))
+    if conv.bias is not None:
+        conv.bias.div_(divisor.to(conv.bias.dtype))
+
+
+def resize_identity_norms(folded: list[tuple[str, nn.Conv2d, nn.Module]], reference: dict[str, torch.Tensor]) -> None:
+    """Without images to measure statistics on: each folded convolution at its `reference` norms all the
+    same, its identity norm's weight multiplied by the divisor, so the function is exactly the folded one
+    and a `--freeze-bn` fine-tune steps on weights of the size they were trained at."""
+    with torch.no_grad():
+        for name, conv, norm in folded:
+            divisor = channel_divisor(conv, reference.get(name), torch.ones(conv.out_channels, dtype=torch.float64))
+            divide_channels(conv, divisor)
+            norm.weight.mul_(divisor.to(norm.weight.dtype))
+
+
 def restore_norm_statistics(network: CamClassifier, folded: list[tuple[str, nn.Conv2d, nn.Module]], images: np.ndarray,
                             reference: dict[str, torch.Tensor] | None = None, batch: int = 32) -> None:  # fmt: skip
     """Give each folded BatchNorm of `network` back statistics measured on `images`, keeping the function.
@@ -153,15 +182,8 @@ def restore_norm_statistics(network: CamClassifier, folded: list[tuple[str, nn.C
             total, squares, count = torch.stack(measured).sum(dim=0)
             mean = total / count
             variance = (squares / count - mean * mean).clamp_min(0)
-            scale = torch.sqrt(variance + norm.eps)
-            target = reference.get(name)
-            if target is not None and target.shape == scale.shape:
-                current = conv.weight.double().flatten(1).norm(dim=1)
-                usable = (target > 0) & (current > 0)
-                scale = torch.where(usable, current / target.double().clamp_min(1e-12), scale)
-            conv.weight.div_(scale.view(-1, *[1] * (conv.weight.dim() - 1)).to(conv.weight.dtype))
-            if conv.bias is not None:
-                conv.bias.div_(scale.to(conv.bias.dtype))
+            scale = channel_divisor(conv, reference.get(name), torch.sqrt(variance + norm.eps))
+            divide_channels(conv, scale)
             norm.running_mean.copy_(mean / scale)
             norm.running_var.copy_(variance / scale**2)
             norm.weight.copy_(scale * torch.sqrt(norm.running_var + norm.eps))
@@ -237,6 +259,9 @@ def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = N
                              source.input_width, source.scale or source.input_height)  # fmt: skip
         for arch, (network, folded) in zip(archs, rebuilt):
             restore_norm_statistics(network, folded, images, reference=imagenet_channel_norms(arch))
+    else:  # identity norms stay (no statistics); the convolutions still come back at their trained size
+        for arch, (_, folded) in zip(archs, rebuilt):
+            resize_identity_norms(folded, imagenet_channel_norms(arch))
     model = EnsembleCamClassifier(networks).eval() if len(networks) > 1 else networks[0]
     rng = np.random.default_rng(0)
     check_against_graph(model, folder / c.ONNX_FILE, rng.integers(0, 256, (check_images, *source.input_shape), dtype=np.uint8), where)
