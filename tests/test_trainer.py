@@ -233,3 +233,41 @@ def test_cyborg_looks_inside_the_annotated_region_and_beats_ce_on_the_decoy_free
     # measured: CE AUC 0.74-0.81, inside 0.18-0.28; CYBORG AUC 1.0, inside 0.58-0.67 (4 seeds)
     assert cyborg_inside > 0.45 and cyborg_inside > ce_inside + 0.2, results
     assert cyborg_auc > 0.9 and cyborg_auc > ce_auc + 0.1, results
+
+
+def test_precise_bn_gives_the_saved_network_statistics_of_clean_training_images(tiny_data, tmp_path):
+    """--precise-bn N: before each validation every BatchNorm gets statistics measured afresh on N training
+    images prepared without augmentation; the saved network holds exactly those, and is validated with them."""
+    from torch.optim.swa_utils import update_bn
+
+    from training.trainer import load_data, spread_samples
+
+    config = tiny_config(tiny_data, tmp_path / "precise", epochs=1, augment="everyday", augment_p=1.0, precise_bn=10)
+    fit(config, progress=False)
+    saved = load_checkpoint(tmp_path / "precise" / "last.pt")
+    model, _ = model_from_checkpoint(saved)
+    stored = {name: buffer.clone() for name, buffer in model.named_buffers() if "running_" in name}
+    clean = load_data(config, 32, (4, 4))
+    assert len(clean.norm_images) == 10 and not clean.norm_images.train and clean.norm_images.augmenter is None
+    assert [s.path for s in clean.norm_images.samples] == [s.path for s in spread_samples(clean.train.samples, 10)]
+    loader = torch.utils.data.DataLoader(clean.norm_images, batch_size=config.batch_size)
+    update_bn((batch["image"] for batch in loader), model)  # the same measurement, made here
+    for name, buffer in model.named_buffers():
+        if "running_" in name:
+            torch.testing.assert_close(buffer, stored[name], rtol=1e-4, atol=1e-5, msg=name)
+    predictions = saved["val_predictions"]
+    samples = {s.path: s for s in discover(saved["data"]["root"])}
+    fresh = predict(model, FaceDataset([samples[Path(p)] for p in predictions["paths"]], 32, (4, 4)), batch_size=4)
+    np.testing.assert_allclose(fresh["scores"], predictions["scores"], atol=1e-5)  # validated with those statistics
+    fit(tiny_config(tiny_data, tmp_path / "running", epochs=1, augment="everyday", augment_p=1.0), progress=False)
+    running, _ = model_from_checkpoint(load_checkpoint(tmp_path / "running" / "last.pt"))
+    assert any(not torch.allclose(buffer, stored[name], atol=1e-3) for name, buffer in running.named_buffers() if "running_" in name)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(precise_bn=-1), r"--precise-bn -1: a number of training images"),
+    (dict(precise_bn=8, freeze_bn=True), r"--precise-bn re-measures BatchNorm statistics that --freeze-bn keeps fixed"),
+])  # fmt: skip
+def test_bad_precise_bn_settings_are_named(tiny_data, tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        tiny_config(tiny_data, tmp_path / "run", **overrides).validate()

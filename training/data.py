@@ -281,10 +281,12 @@ class FaceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def rebuilt(self, samples: Sequence[Sample]) -> FaceDataset:
-        """The same preparation over other samples."""
-        return FaceDataset(samples, (self.height, self.width), self.cam_grid, scale=self.scale, train=self.train,
-                           augmenter=self.augmenter, seed=self.seed, teacher_view=self.teacher_view)  # fmt: skip
+    def rebuilt(self, samples: Sequence[Sample], train: bool | None = None) -> FaceDataset:
+        """The same preparation over other samples (`train=False`: as validation prepares them)."""
+        train = self.train if train is None else train
+        return FaceDataset(samples, (self.height, self.width), self.cam_grid, scale=self.scale, train=train,
+                           augmenter=self.augmenter if train else None, seed=self.seed,
+                           teacher_view=self.teacher_view and train)  # fmt: skip
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         epoch, index = divmod(int(item), len(self.samples))

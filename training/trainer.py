@@ -52,6 +52,7 @@ class TrainingDiverged(UserError):
 class DataBundle:
     train: Dataset
     val: Dataset
+    norm_images: Dataset | None  # --precise-bn's training images, prepared as validation prepares images
     saliency: str  # "human" | "proxy" | "none"
     summary: dict[str, Any]
     val_paths: list[str]
@@ -122,6 +123,7 @@ def load_data(config: TrainConfig, image_size: int, grid: tuple[int, int]) -> Da
     return DataBundle(
         train=train,
         val=val,
+        norm_images=train.rebuilt(spread_samples(train.samples, config.precise_bn), train=False) if config.precise_bn else None,
         saliency=saliency,
         summary=summary,
         val_paths=[str(s.path) for s in val.samples],
@@ -299,6 +301,25 @@ def train_one_epoch(
     return {**stats, "accuracy": sums["correct"] / count, "images_per_s": sums["count"] / max(elapsed, 1e-9)}
 
 
+def spread_samples(samples: list, count: int) -> list:
+    """`count` of `samples` (all when there are fewer), evenly spread, so every class and source is in."""
+    if count >= len(samples):
+        return list(samples)
+    return [samples[int(i)] for i in np.linspace(0, len(samples) - 1, count).round().astype(int)]
+
+
+def precise_norm_statistics(models: list[torch.nn.Module], images: Dataset, config: TrainConfig, info: DistInfo) -> None:
+    """Every BatchNorm of `models` given statistics measured afresh on `images` (cumulative averages,
+    `torch.optim.swa_utils.update_bn`), instead of the running averages over the augmented training
+    batches: a network validated and exported on clean images then normalises them with clean
+    statistics. Every rank measures the same images, so the ranks agree without communication."""
+    from torch.optim.swa_utils import update_bn
+
+    loader = DataLoader(images, batch_size=config.batch_size, shuffle=False, num_workers=config.workers)
+    for model in models:
+        update_bn((batch["image"].to(info.device) for batch in loader), unwrap(model), device=info.device)
+
+
 def validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, info: DistInfo) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics and predictions on the validation set; each rank scores a shard, rank order restored."""
     from training.evaluate import predict, validation_metrics
@@ -421,6 +442,8 @@ def _fit(config: TrainConfig, resume: bool, progress: bool, info: DistInfo) -> d
             distributed.sync_buffers(run.model, info)
             if run.ema is not None:  # averaged from each rank's own running statistics: validate and keep rank 0's
                 distributed.sync_buffers(run.ema.module, info)
+            if run.data.norm_images is not None:
+                precise_norm_statistics([run.model] + ([run.ema.module] if run.ema is not None else []), run.data.norm_images, config, info)
             val_metrics, predictions = validate(kept_model(run, ddp_model), run.data.val, config, info)
             raw_auc = validate(ddp_model, run.data.val, config, info)[0]["auc"] if run.ema is not None else None
             improved = record_epoch(run, epoch, lr, train_stats, val_metrics, raw_auc)

@@ -33,6 +33,9 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--distill-view": ("distill_view", str, "what the teacher sees: augmented (the student's image) or clean (the same framing "
                        "without the everyday changes of the pixels, so the student learns to say on a changed face what "
                        "the teacher says on the clean one) (default: augmented)"),
+    "--precise-bn": ("precise_bn", int, "before each validation, measure BatchNorm statistics afresh on this many "
+                     "training images without augmentation, instead of the running averages over augmented batches "
+                     "(default: 0, off; see docs/training.md)"),
     "--epochs": ("epochs", int, "epochs (default: 50)"),
     "--batch-size": ("batch_size", int, "batch size per process (default: 20)"),
     "--image-size": ("image_size", int, "input side in pixels (default: the architecture's, 224 or 299)"),
