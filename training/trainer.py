@@ -317,7 +317,7 @@ def precise_norm_statistics(models: list[torch.nn.Module], images: Dataset, conf
 
     loader = DataLoader(images, batch_size=config.batch_size, shuffle=False, num_workers=config.workers)
     for model in models:
-        update_bn((batch["image"].to(info.device) for batch in loader), unwrap(model), device=info.device)
+        update_bn((batch["image"] for batch in loader), unwrap(model), device=info.device)
 
 
 def validate(model: torch.nn.Module, dataset: Dataset, config: TrainConfig, info: DistInfo) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
