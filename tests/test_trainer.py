@@ -240,7 +240,8 @@ def test_precise_bn_gives_the_saved_network_statistics_of_clean_training_images(
     images prepared without augmentation; the saved network holds exactly those, and is validated with them."""
     from torch.optim.swa_utils import update_bn
 
-    from training.trainer import load_data, spread_samples
+    from core.images import spread
+    from training.trainer import load_data
 
     config = tiny_config(tiny_data, tmp_path / "precise", epochs=1, augment="everyday", augment_p=1.0, precise_bn=10)
     fit(config, progress=False)
@@ -249,7 +250,7 @@ def test_precise_bn_gives_the_saved_network_statistics_of_clean_training_images(
     stored = {name: buffer.clone() for name, buffer in model.named_buffers() if "running_" in name}
     clean = load_data(config, 32, (4, 4))
     assert len(clean.norm_images) == 10 and not clean.norm_images.train and clean.norm_images.augmenter is None
-    assert [s.path for s in clean.norm_images.samples] == [s.path for s in spread_samples(clean.train.samples, 10)]
+    assert [s.path for s in clean.norm_images.samples] == [s.path for s in spread(clean.train.samples, 10)]
     loader = torch.utils.data.DataLoader(clean.norm_images, batch_size=config.batch_size)
     update_bn((batch["image"] for batch in loader), model)  # the same measurement, made here
     for name, buffer in model.named_buffers():

@@ -252,16 +252,17 @@ def checkpoints_from_version(folder: Path, out: Path, data: list[str] | None = N
     prefixes = [f"model.members.{k}." for k in range(len(archs))] if len(archs) > 1 else ["model."]
     rebuilt = [rebuild_network(arch, source, graph, prefix, where) for arch, prefix in zip(archs, prefixes)]
     networks = [network for network, _ in rebuilt]
+    sizes = {arch: imagenet_channel_norms(arch) for arch in set(archs)}  # the convolutions' trained size, read once per architecture
     if samples is not None:  # statistics for the folded norms, so the networks train without --freeze-bn
         from core.images import load_images, spread
 
         images = load_images(spread([str(sample.path) for sample in samples], NORM_IMAGES), source.input_height,
                              source.input_width, source.scale or source.input_height)  # fmt: skip
         for arch, (network, folded) in zip(archs, rebuilt):
-            restore_norm_statistics(network, folded, images, reference=imagenet_channel_norms(arch))
+            restore_norm_statistics(network, folded, images, reference=sizes[arch])
     else:  # identity norms stay (no statistics); the convolutions still come back at their trained size
         for arch, (_, folded) in zip(archs, rebuilt):
-            resize_identity_norms(folded, imagenet_channel_norms(arch))
+            resize_identity_norms(folded, sizes[arch])
     model = EnsembleCamClassifier(networks).eval() if len(networks) > 1 else networks[0]
     rng = np.random.default_rng(0)
     check_against_graph(model, folder / c.ONNX_FILE, rng.integers(0, 256, (check_images, *source.input_shape), dtype=np.uint8), where)

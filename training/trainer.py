@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from core.contract import CLASS_NAMES, NUM_CLASSES
 from core.errors import UserError
+from core.images import spread
 from training import distributed
 from training.checkpoint import Checkpoint, ValPredictions, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
@@ -107,7 +108,7 @@ def load_data(config: TrainConfig, image_size: int, grid: tuple[int, int]) -> Da
     scale = config.scale or image_size
     prepared = dict(image_size=image_size, cam_grid=grid, skip_unreadable=config.skip_unreadable, scale=scale, seed=config.seed)
     augmenter = make_augmenter(config)
-    teacher_view = bool(config.teacher) and config.distill_view == "clean"
+    teacher_view = config.distill_view == "clean"  # TrainConfig.validate: only with --teacher and augmentation
     train = decode_all(FaceDataset(splits["train"], train=True, augmenter=augmenter, teacher_view=teacher_view, **prepared),
                        config.workers, config.skip_unreadable)  # fmt: skip
     val = decode_all(FaceDataset(splits["val"], **prepared), config.workers, config.skip_unreadable)
@@ -123,7 +124,7 @@ def load_data(config: TrainConfig, image_size: int, grid: tuple[int, int]) -> Da
     return DataBundle(
         train=train,
         val=val,
-        norm_images=train.rebuilt(spread_samples(train.samples, config.precise_bn), train=False) if config.precise_bn else None,
+        norm_images=train.rebuilt(spread(train.samples, config.precise_bn), train=False) if config.precise_bn else None,
         saliency=saliency,
         summary=summary,
         val_paths=[str(s.path) for s in val.samples],
@@ -299,13 +300,6 @@ def train_one_epoch(
     if teacher is None:
         del stats["distill"]
     return {**stats, "accuracy": sums["correct"] / count, "images_per_s": sums["count"] / max(elapsed, 1e-9)}
-
-
-def spread_samples(samples: list, count: int) -> list:
-    """`count` of `samples` (all when there are fewer), evenly spread, so every class and source is in."""
-    if count >= len(samples):
-        return list(samples)
-    return [samples[int(i)] for i in np.linspace(0, len(samples) - 1, count).round().astype(int)]
 
 
 def precise_norm_statistics(models: list[torch.nn.Module], images: Dataset, config: TrainConfig, info: DistInfo) -> None:
