@@ -113,6 +113,8 @@ def test_make_augmenter_follows_the_config():
     assert chosen.names == ("blur", "jpeg") and chosen.settings.p == 0.3
     assert chosen.settings.jpeg_quality == (50, 100) and chosen.settings.blur_sigma == (0.0, 1.5)
     assert chosen.settings.zoom == (1.0, 1.3) and everyday.settings.zoom == (1.0, 1.15)
+    assert everyday.settings.resize_scale == (0.5, 0.9)
+    assert make_augmenter(TrainConfig(augment="resize", augment_resize_min=0.25)).settings.resize_scale == (0.25, 0.9)
     assert augmentation_names("none") == () and augmentation_names("flip,everyday") == AUGMENTATIONS
 
 
@@ -131,11 +133,29 @@ def test_every_name_has_a_change():
         ({"augment_jpeg_min": 0}, "--augment-jpeg-min 0"),
         ({"augment_blur_max": 20.0}, "--augment-blur-max 20.0"),
         ({"augment_zoom_max": 0.8}, r"--augment-zoom-max 0.8: must be in \[1, 2\]"),
+        ({"augment_resize_min": 0.95}, r"--augment-resize-min 0.95: must be in \[0.05, 0.9\]"),
+        ({"augment_resize_min": 0.0}, "--augment-resize-min 0.0"),
     ],
 )
 def test_bad_settings_are_refused_clearly(settings, message):
     with pytest.raises(UserError, match=message):
         TrainConfig(**settings).validate()
+
+
+def test_the_resize_round_trip_draws_its_scale_from_the_configured_range(monkeypatch):
+    from training import perturb
+
+    drawn = []
+    real = perturb.resize_round_trip
+    monkeypatch.setattr(perturb, "resize_round_trip", lambda image, scale, *filters: drawn.append(scale) or real(image, scale, *filters))
+    image, saliency = scene(128, 128)
+    for low in (0.5, 0.25):
+        drawn.clear()
+        augmenter = make_augmenter(TrainConfig(augment="resize", augment_p=1.0, augment_resize_min=low))
+        for seed in range(200):
+            changed, _ = augmenter(image, saliency, random.Random(seed))
+            assert changed.size == image.size
+        assert len(drawn) == 200 and low <= min(drawn) < low + 0.05 and 0.85 < max(drawn) <= 0.9
 
 
 def test_augment_settings_refuse_impossible_ranges():
@@ -152,10 +172,11 @@ def test_train_flags_and_config_file_reach_the_config(tmp_path, capsys):
     config_file = tmp_path / "settings.json"
     config_file.write_text(json.dumps({"arch": "test_resnet", "augment": "everyday", "augment_p": 0.2}))
     assert load_config_file(config_file)["augment"] == "everyday"
-    argv = ["train", "DATA", "--config", str(config_file), "--augment-p", "0.05", "--augment-flip-p", "0", "--out", "o"]
+    argv = ["train", "DATA", "--config", str(config_file), "--augment-p", "0.05", "--augment-flip-p", "0",
+            "--augment-resize-min", "0.25", "--out", "o"]  # fmt: skip
     args = build_parser(argv).parse_args(argv)
     config = build_config(args)
-    assert (config.augment, config.augment_p, config.augment_flip_p) == ("everyday", 0.05, 0.0)
+    assert (config.augment, config.augment_p, config.augment_flip_p, config.augment_resize_min) == ("everyday", 0.05, 0.0, 0.25)
     data = tmp_path / "data"
     assert main(["train", str(data), "--arch", "test_resnet", "--augment", "jpeg,sharpen", "--out", str(tmp_path / "run")]) == 2
     assert "choose none, everyday or a comma list" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def test_parse_keeps_order_puts_clean_first_and_expands_all():
     assert [p.name for p in parse_perturbations("jpeg50, blur2")] == ["clean", "jpeg50", "blur2"]
     assert [p.name for p in parse_perturbations("blur2,clean,blur2")] == ["clean", "blur2"]
     assert [p.name for p in parse_perturbations("all")] == list(PERTURBATIONS)
-    assert set(PERTURBATIONS) == {"clean", "jpeg90", "jpeg70", "jpeg50", "jpeg30", "webp", "half", "up2x", "blur1", "blur2", "crop80", "screenshot"}
+    assert set(PERTURBATIONS) == {"clean", "jpeg90", "jpeg70", "jpeg50", "jpeg30", "webp", "half", "small96", "small64", "up2x", "blur1", "blur2", "crop80", "screenshot"}
 
 
 @pytest.mark.parametrize("text", ["jpeg40", "jpeg50,sharpen", "", " , "])
@@ -45,8 +45,8 @@ def test_unknown_or_missing_names_are_refused_listing_the_valid_ones(text):
 
 
 def test_each_change_has_the_documented_size_and_changes_pixels():
-    image = photo()
-    sizes = {"up2x": (192, 160), "crop80": (77, 64), "screenshot": (72, 60)}
+    image = photo(192, 160)
+    sizes = {"up2x": (384, 320), "crop80": (154, 128), "screenshot": (144, 120)}
     for name, perturbation in PERTURBATIONS.items():
         changed = perturbation(image)
         assert changed.mode == "RGB" and changed.size == sizes.get(name, image.size), name
@@ -77,6 +77,21 @@ def test_blur_strength_and_round_trips():
     assert high_pass(perturb.resize_round_trip(image, 0.5)) < high_pass(image)
     crop = perturb.centre_crop(image, 0.5)
     np.testing.assert_array_equal(pixels(crop), pixels(image)[20:60, 24:72])
+
+
+def test_a_small_face_loses_more_the_smaller_it_was_and_an_already_small_one_is_kept():
+    image = photo(256, 256)
+    high_pass = lambda im: np.abs(np.diff(pixels(im), axis=1)).mean()  # noqa: E731
+    small96, small64 = PERTURBATIONS["small96"](image), PERTURBATIONS["small64"](image)
+    assert small64.size == small96.size == image.size
+    assert high_pass(small64) < high_pass(small96) < high_pass(PERTURBATIONS["half"](image)) < high_pass(image)
+    # the same as scaling by 96 / 256 and back, whatever the aspect ratio: the shorter side decides
+    np.testing.assert_array_equal(pixels(small96), pixels(perturb.resize_round_trip(image, 96 / 256)))
+    wide = photo(384, 192)
+    assert perturb.rescale(wide, 64 / 192).size == (128, 64)
+    np.testing.assert_array_equal(pixels(perturb.shrink_round_trip(wide, 64)), pixels(perturb.resize_round_trip(wide, 64 / 192)))
+    tiny = photo(80, 60)
+    assert perturb.shrink_round_trip(tiny, 64) is tiny  # no detail to take away
 
 
 # ---------------------------------------------------------------- cyborg evaluate --perturb

@@ -27,7 +27,7 @@ from PIL import Image, ImageEnhance
 
 from core.errors import UserError
 from training import perturb
-from training.config import AUGMENTATIONS, TrainConfig, augmentation_names
+from training.config import AUGMENTATIONS, RESIZE_MAX, TrainConfig, augmentation_names
 
 GEOMETRIC = ("flip", "shift")  # the changes that move the map with the image; the others change pixels only
 RESIZE_FILTERS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX)
@@ -43,7 +43,7 @@ class AugmentSettings:
     jpeg_quality: tuple[int, int] = (30, 100)
     webp_quality: tuple[int, int] = (30, 100)
     blur_sigma: tuple[float, float] = (0.0, 3.0)  # pixels, at the image's own resolution
-    resize_scale: tuple[float, float] = (0.5, 0.9)  # downscale factor of the round trip
+    resize_scale: tuple[float, float] = (0.5, RESIZE_MAX)  # downscale factor of the round trip
     colour: float = 0.15  # brightness, contrast and saturation factors in [1 - colour, 1 + colour]
     zoom: tuple[float, float] = (1.0, 1.15)  # shift: a crop 1/zoom of each side, anywhere, resized back
 
@@ -78,6 +78,7 @@ class AugmentSettings:
             webp_quality=(config.augment_jpeg_min, 100),
             blur_sigma=(0.0, config.augment_blur_max),
             zoom=(1.0, config.augment_zoom_max),
+            resize_scale=(config.augment_resize_min, RESIZE_MAX),
         )
 
 

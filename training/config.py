@@ -17,6 +17,7 @@ SCHEDULES = ("step", "cosine")
 # training.augment's changes, in the order it applies them; "everyday" names them all (a test keeps the two in step)
 AUGMENTATIONS = ("flip", "shift", "colour", "resize", "blur", "jpeg", "webp")
 DISTILL_VIEWS = ("augmented", "clean")
+RESIZE_MAX = 0.9  # the largest downscale factor of the resize round trip (training.augment); its smallest is --augment-resize-min
 
 
 @dataclasses.dataclass
@@ -45,6 +46,7 @@ class TrainConfig:
     augment_jpeg_min: int = 30  # JPEG / WebP quality drawn uniformly in [augment_jpeg_min, 100]
     augment_blur_max: float = 3.0  # Gaussian blur sigma drawn uniformly in [0, augment_blur_max]
     augment_zoom_max: float = 1.15  # shift: a crop of 1/zoom of each side, zoom drawn in [1, augment_zoom_max]
+    augment_resize_min: float = 0.5  # resize: a round trip through a copy downscaled by a factor drawn in [augment_resize_min, 0.9]
     # distillation (training.distill): a trained model's softened scores taught beside the labels
     teacher: str | None = None  # a checkpoint (one network or a `cyborg ensemble`) at the student's input size and scale
     distill_weight: float = 1.0  # loss += distill_weight * T^2 * KL(teacher_T || student_T)
@@ -101,6 +103,8 @@ class TrainConfig:
             raise UserError(f"--augment-blur-max {self.augment_blur_max}: must be in [0, 10] (pixels)")
         if not 1.0 <= self.augment_zoom_max <= 2.0:
             raise UserError(f"--augment-zoom-max {self.augment_zoom_max}: must be in [1, 2] (1 = no zoom)")
+        if not 0.05 <= self.augment_resize_min <= RESIZE_MAX:
+            raise UserError(f"--augment-resize-min {self.augment_resize_min}: must be in [0.05, {RESIZE_MAX}] (a downscale factor)")
         if not self.distill_weight >= 0.0:
             raise UserError(f"--distill-weight {self.distill_weight}: must be at least 0")
         if not self.distill_temperature > 0.0:

@@ -66,6 +66,14 @@ def resize_round_trip(
     return rescale(image, scale, down).resize(image.size, up)
 
 
+def shrink_round_trip(image: Image.Image, side: int) -> Image.Image:
+    """Downscaled until its shorter side is `side` pixels and back to its own size (bicubic both ways):
+    what a face found at that size in a photo still holds once scaled up to the model's input. An image
+    already that small is returned as it is."""
+    shorter = min(image.size)
+    return image if shorter <= side else resize_round_trip(image, side / shorter)
+
+
 def centre_crop(image: Image.Image, fraction: float) -> Image.Image:
     """The centre `fraction` of each side (the crop is smaller; nothing is resized)."""
     width, height = image.size
@@ -108,6 +116,8 @@ PERTURBATIONS: dict[str, Perturbation] = {
         Perturbation("jpeg30", "JPEG re-compression, quality 30", functools.partial(jpeg, quality=30)),
         Perturbation("webp", "WebP re-compression, quality 80", functools.partial(webp, quality=80)),
         Perturbation("half", "half-size round trip (bicubic down and up)", functools.partial(resize_round_trip, scale=0.5)),
+        Perturbation("small96", "a small face: shorter side down to 96 px and back up (bicubic)", functools.partial(shrink_round_trip, side=96)),
+        Perturbation("small64", "a small face: shorter side down to 64 px and back up (bicubic)", functools.partial(shrink_round_trip, side=64)),
         Perturbation("up2x", "2x bicubic upscale, kept at the larger size", functools.partial(rescale, scale=2.0)),
         Perturbation("blur1", "Gaussian blur, sigma 1 pixel", functools.partial(blur, sigma=1.0)),
         Perturbation("blur2", "Gaussian blur, sigma 2 pixels", functools.partial(blur, sigma=2.0)),

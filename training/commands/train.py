@@ -26,6 +26,8 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--augment-blur-max": ("augment_blur_max", float, "Gaussian blur sigma drawn in [0, this] pixels (default: 3)"),
     "--augment-zoom-max": ("augment_zoom_max", float, "shift: a crop of 1/zoom of each side resized back, zoom drawn in "
                            "[1, this] (default: 1.15)"),
+    "--augment-resize-min": ("augment_resize_min", float, "resize: a round trip through a copy downscaled by a factor drawn "
+                             "in [this, 0.9]; 0.25 reaches a 64-px face of a 256-px input (default: 0.5)"),
     "--teacher": ("teacher", str, "distil from this checkpoint (one network or a `cyborg ensemble`) as well as the labels "
                   "(default: none; see docs/training.md)"),
     "--distill-weight": ("distill_weight", float, "weight of the teacher term, weight * T^2 * KL (default: 1)"),
