@@ -265,9 +265,43 @@ def test_precise_bn_gives_the_saved_network_statistics_of_clean_training_images(
     assert any(not torch.allclose(buffer, stored[name], atol=1e-3) for name, buffer in running.named_buffers() if "running_" in name)
 
 
+def test_precise_bn_changed_measures_statistics_on_a_share_of_changed_images(tiny_data, tmp_path):
+    """--precise-bn-changed F: a seeded share F of the --precise-bn images goes through the training
+    augmentation first; the saved statistics are those of that mix, not of the clean images."""
+    from torch.optim.swa_utils import update_bn
+
+    from core.images import spread
+    from training.trainer import load_data
+
+    config = tiny_config(tiny_data, tmp_path / "mix", epochs=1, augment="everyday", augment_p=1.0, precise_bn=10,
+                         precise_bn_changed=0.5)  # fmt: skip
+    data = load_data(config, 32, (4, 4))
+    changed, clean = data.norm_images.datasets
+    assert len(changed) == len(clean) == 5 and changed.train and changed.augmenter is not None and not changed.teacher_view
+    assert not clean.train and clean.augmenter is None
+    assert sorted(str(s.path) for s in [*changed.samples, *clean.samples]) == sorted(str(s.path) for s in spread(data.train.samples, 10))
+    again = load_data(config, 32, (4, 4)).norm_images.datasets[0]
+    torch.testing.assert_close(again[0]["image"], changed[0]["image"])  # the same changed images at every validation
+    assert [s.path for s in again.samples] == [s.path for s in changed.samples]
+    fit(config, progress=False)
+    model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "mix" / "last.pt"))
+    stored = {name: buffer.clone() for name, buffer in model.named_buffers() if "running_" in name}
+    measured = {}
+    for name, images in (("mix", data.norm_images), ("clean", data.train.rebuilt(spread(data.train.samples, 10), train=False))):
+        update_bn((batch["image"] for batch in torch.utils.data.DataLoader(images, batch_size=config.batch_size)), model)
+        measured[name] = {name: buffer.clone() for name, buffer in model.named_buffers() if "running_" in name}
+    for name, buffer in stored.items():
+        torch.testing.assert_close(measured["mix"][name], buffer, rtol=1e-4, atol=1e-5, msg=name)
+    assert any(not torch.allclose(measured["clean"][name], buffer, atol=1e-3) for name, buffer in stored.items())
+    assert tiny_config(tiny_data, tmp_path / "clean", precise_bn=10).precise_bn_changed == 0.0  # default: all clean
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(precise_bn=-1), r"--precise-bn -1: a number of training images"),
     (dict(precise_bn=8, freeze_bn=True), r"--precise-bn re-measures BatchNorm statistics that --freeze-bn keeps fixed"),
+    (dict(precise_bn=8, augment="everyday", precise_bn_changed=1.5), r"--precise-bn-changed 1.5: a share of the --precise-bn images, in \[0, 1\]"),
+    (dict(augment="everyday", precise_bn_changed=0.3), r"--precise-bn-changed sends a share .* it needs --precise-bn N and an --augment"),
+    (dict(precise_bn=8, precise_bn_changed=0.3), r"it needs --precise-bn N and an --augment other than none"),
 ])  # fmt: skip
 def test_bad_precise_bn_settings_are_named(tiny_data, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):

@@ -62,6 +62,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     freeze_bn: bool = False  # BatchNorm in eval mode while training: its running (e.g. ImageNet) statistics never change
     precise_bn: int = 0  # before each validation, BatchNorm statistics measured afresh on this many training images without augmentation (0: off)
+    precise_bn_changed: float = 0.0  # the share of those images that go through the training augmentation first (0: all clean)
     optimizer: str = "sgd"  # sgd (the paper) | adamw (weight_decay then is AdamW's decoupled decay)
     schedule: str = "step"  # step: StepLR(lr_step, lr_gamma), the paper | cosine: cosine decay to 0 over the epochs
     ema_decay: float = 0.0  # > 0: an exponential moving average of the weights is validated and kept (timm ModelEmaV3); 0: off
@@ -120,6 +121,11 @@ class TrainConfig:
             raise UserError(f"--precise-bn {self.precise_bn}: a number of training images, at least 0 (0 turns it off)")
         if self.precise_bn and self.freeze_bn:
             raise UserError("--precise-bn re-measures BatchNorm statistics that --freeze-bn keeps fixed: choose one")
+        if not 0.0 <= self.precise_bn_changed <= 1.0:
+            raise UserError(f"--precise-bn-changed {self.precise_bn_changed}: a share of the --precise-bn images, in [0, 1]")
+        if self.precise_bn_changed and not (self.precise_bn and augmentation_names(self.augment)):
+            raise UserError("--precise-bn-changed sends a share of the --precise-bn images through the training "
+                            "augmentation: it needs --precise-bn N and an --augment other than none")  # fmt: skip
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in (0, 1)")
 

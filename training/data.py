@@ -281,12 +281,14 @@ class FaceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def rebuilt(self, samples: Sequence[Sample], train: bool | None = None) -> FaceDataset:
-        """The same preparation over other samples (`train=False`: as validation prepares them)."""
+    def rebuilt(self, samples: Sequence[Sample], train: bool | None = None, teacher_view: bool | None = None) -> FaceDataset:
+        """The same preparation over other samples (`train=False`: as validation prepares them;
+        `teacher_view=False`: without the teacher's clean view)."""
         train = self.train if train is None else train
+        teacher_view = self.teacher_view if teacher_view is None else teacher_view
         return FaceDataset(samples, (self.height, self.width), self.cam_grid, scale=self.scale, train=train,
                            augmenter=self.augmenter if train else None, seed=self.seed,
-                           teacher_view=self.teacher_view and train)  # fmt: skip
+                           teacher_view=teacher_view and train)  # fmt: skip
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         epoch, index = divmod(int(item), len(self.samples))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from core.contract import CLASS_NAMES, NUM_CLASSES
 from core.errors import UserError
@@ -37,6 +37,7 @@ from training.model import CamClassifier, cam_grid, create_classifier, default_i
 
 if TYPE_CHECKING:
     from timm.utils import ModelEmaV3
+    from training.data import FaceDataset
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +125,27 @@ def load_data(config: TrainConfig, image_size: int, grid: tuple[int, int]) -> Da
     return DataBundle(
         train=train,
         val=val,
-        norm_images=train.rebuilt(spread(train.samples, config.precise_bn), train=False) if config.precise_bn else None,
+        norm_images=norm_statistics_images(train, config) if config.precise_bn else None,
         saliency=saliency,
         summary=summary,
         val_paths=[str(s.path) for s in val.samples],
         val_sources=[s.source for s in val.samples],
     )
+
+
+def norm_statistics_images(train: FaceDataset, config: TrainConfig) -> Dataset:
+    """--precise-bn's images: `precise_bn` training images evenly spread, prepared as validation prepares
+    them, except a seeded `precise_bn_changed` share of them that goes through the training augmentation
+    (changed first, then clean; the same images at every validation)."""
+    chosen = spread(train.samples, config.precise_bn)
+    changed = round(config.precise_bn_changed * len(chosen))
+    clean = train.rebuilt(chosen, train=False)
+    if not changed:
+        return clean
+    order = random.Random(f"{config.seed}:precise-bn").sample(range(len(chosen)), len(chosen))
+    augmented = train.rebuilt([chosen[i] for i in order[:changed]], train=True, teacher_view=False)
+    rest = [chosen[i] for i in order[changed:]]
+    return ConcatDataset([augmented, train.rebuilt(rest, train=False)]) if rest else augmented
 
 
 def build_model(config: TrainConfig, pretrained: bool = True) -> CamClassifier:

@@ -38,6 +38,8 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--precise-bn": ("precise_bn", int, "before each validation, measure BatchNorm statistics afresh on this many "
                      "training images without augmentation, instead of the running averages over augmented batches "
                      "(default: 0, off; see docs/training.md)"),
+    "--precise-bn-changed": ("precise_bn_changed", float, "the share of the --precise-bn images sent through the training "
+                             "augmentation first: statistics between clean images (0) and changed ones (1) (default: 0)"),
     "--epochs": ("epochs", int, "epochs (default: 50)"),
     "--batch-size": ("batch_size", int, "batch size per process (default: 20)"),
     "--image-size": ("image_size", int, "input side in pixels (default: the architecture's, 224 or 299)"),
