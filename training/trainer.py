@@ -139,9 +139,8 @@ def norm_statistics_images(train: FaceDataset, config: TrainConfig) -> Dataset:
     (changed first, then clean; the same images at every validation)."""
     chosen = spread(train.samples, config.precise_bn)
     changed = round(config.precise_bn_changed * len(chosen))
-    clean = train.rebuilt(chosen, train=False)
     if not changed:
-        return clean
+        return train.rebuilt(chosen, train=False)
     order = random.Random(f"{config.seed}:precise-bn").sample(range(len(chosen)), len(chosen))
     augmented = train.rebuilt([chosen[i] for i in order[:changed]], train=True, teacher_view=False)
     rest = [chosen[i] for i in order[changed:]]
