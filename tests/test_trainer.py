@@ -235,6 +235,11 @@ def test_cyborg_looks_inside_the_annotated_region_and_beats_ce_on_the_decoy_free
     assert cyborg_auc > 0.9 and cyborg_auc > ce_auc + 0.1, results
 
 
+def running_statistics(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every BatchNorm's running mean and variance, by buffer name."""
+    return {name: buffer.clone() for name, buffer in model.named_buffers() if "running_" in name}
+
+
 def test_precise_bn_gives_the_saved_network_statistics_of_clean_training_images(tiny_data, tmp_path):
     """--precise-bn N: before each validation every BatchNorm gets statistics measured afresh on N training
     images prepared without augmentation; the saved network holds exactly those, and is validated with them."""
@@ -247,22 +252,21 @@ def test_precise_bn_gives_the_saved_network_statistics_of_clean_training_images(
     fit(config, progress=False)
     saved = load_checkpoint(tmp_path / "precise" / "last.pt")
     model, _ = model_from_checkpoint(saved)
-    stored = {name: buffer.clone() for name, buffer in model.named_buffers() if "running_" in name}
+    stored = running_statistics(model)
     clean = load_data(config, 32, (4, 4))
     assert len(clean.norm_images) == 10 and not clean.norm_images.train and clean.norm_images.augmenter is None
     assert [s.path for s in clean.norm_images.samples] == [s.path for s in spread(clean.train.samples, 10)]
     loader = torch.utils.data.DataLoader(clean.norm_images, batch_size=config.batch_size)
     update_bn((batch["image"] for batch in loader), model)  # the same measurement, made here
-    for name, buffer in model.named_buffers():
-        if "running_" in name:
-            torch.testing.assert_close(buffer, stored[name], rtol=1e-4, atol=1e-5, msg=name)
+    for name, buffer in running_statistics(model).items():
+        torch.testing.assert_close(buffer, stored[name], rtol=1e-4, atol=1e-5, msg=name)
     predictions = saved["val_predictions"]
     samples = {s.path: s for s in discover(saved["data"]["root"])}
     fresh = predict(model, FaceDataset([samples[Path(p)] for p in predictions["paths"]], 32, (4, 4)), batch_size=4)
     np.testing.assert_allclose(fresh["scores"], predictions["scores"], atol=1e-5)  # validated with those statistics
     fit(tiny_config(tiny_data, tmp_path / "running", epochs=1, augment="everyday", augment_p=1.0), progress=False)
     running, _ = model_from_checkpoint(load_checkpoint(tmp_path / "running" / "last.pt"))
-    assert any(not torch.allclose(buffer, stored[name], atol=1e-3) for name, buffer in running.named_buffers() if "running_" in name)
+    assert any(not torch.allclose(buffer, stored[name], atol=1e-3) for name, buffer in running_statistics(running).items())
 
 
 def test_precise_bn_changed_measures_statistics_on_a_share_of_changed_images(tiny_data, tmp_path):
@@ -285,11 +289,11 @@ def test_precise_bn_changed_measures_statistics_on_a_share_of_changed_images(tin
     assert [s.path for s in again.samples] == [s.path for s in changed.samples]
     fit(config, progress=False)
     model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "mix" / "last.pt"))
-    stored = {name: buffer.clone() for name, buffer in model.named_buffers() if "running_" in name}
+    stored = running_statistics(model)
     measured = {}
-    for name, images in (("mix", data.norm_images), ("clean", data.train.rebuilt(spread(data.train.samples, 10), train=False))):
+    for which, images in (("mix", data.norm_images), ("clean", data.train.rebuilt(spread(data.train.samples, 10), train=False))):
         update_bn((batch["image"] for batch in torch.utils.data.DataLoader(images, batch_size=config.batch_size)), model)
-        measured[name] = {name: buffer.clone() for name, buffer in model.named_buffers() if "running_" in name}
+        measured[which] = running_statistics(model)
     for name, buffer in stored.items():
         torch.testing.assert_close(measured["mix"][name], buffer, rtol=1e-4, atol=1e-5, msg=name)
     assert any(not torch.allclose(measured["clean"][name], buffer, atol=1e-3) for name, buffer in stored.items())
