@@ -26,6 +26,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("training.commands.train", "train a detector with the CYBORG loss"),
     ("evaluate",): ("training.commands.evaluate", "AUC, EER, accuracy, ROC and CAM pictures for a checkpoint"),
     ("ensemble",): ("training.commands.ensemble", "average several checkpoints into one model (one checkpoint, one graph)"),
+    ("norm-statistics",): ("training.commands.norm_statistics", "measure a finished network's BatchNorm statistics again, a share of its images changed"),
     ("export",): ("training.commands.export", "export a checkpoint to ONNX/TensorRT in a model repository"),
     ("checkpoint",): ("training.commands.checkpoint", "rebuild training checkpoints from a published fp32 version (to fine-tune, teach or extend it)"),
     ("models", "list"): ("serving.commands.models_list", "list the models in a model repository"),

@@ -89,6 +89,7 @@ class Checkpoint:
     val_predictions: ValPredictions = dataclasses.field(default_factory=ValPredictions)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics.jsonl rows so far
     ensemble: list[dict[str, Any]] | None = None  # an averaged model's members (training.ensemble); None: one network
+    norm_statistics: dict[str, Any] | None = None  # BatchNorm statistics set after training (training.norm_statistics)
     # The optimisation state --resume restores.
     training_model: dict[str, torch.Tensor] | None = None  # with --ema-decay: the raw weights the optimiser steps
     optimizer: dict[str, Any] | None = None

@@ -30,6 +30,7 @@ def member_record(path: Path, checkpoint: Checkpoint) -> dict[str, Any]:
         "epochs": checkpoint.epoch,
         "best": checkpoint.best,
         "val_auc": checkpoint.val_metrics.get("auc"),
+        **({"norm_statistics": checkpoint.norm_statistics} if checkpoint.norm_statistics else {}),
     }
 
 

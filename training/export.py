@@ -266,6 +266,7 @@ def training_provenance(state: Checkpoint, config, checkpoint: Path) -> dict[str
         "seed": config.seed,
         "val_fraction": config.val_fraction,
         **({"ensemble": state.ensemble} if state.ensemble else {}),
+        **({"norm_statistics": state.norm_statistics} if state.norm_statistics else {}),
         **({"teacher": teacher_record(config)} if config.teacher else {}),
     }
 

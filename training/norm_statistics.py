@@ -1,0 +1,111 @@
+"""A finished network's BatchNorm statistics measured again (`cyborg norm-statistics`).
+
+A network trained under augmentation ends with BatchNorm running averages over augmented batches;
+`cyborg train --precise-bn` measures them afresh during training. This sets them on a finished
+checkpoint (one network or an ensemble) without training: N of its training images, a seeded share
+of them through the everyday changes first (`training.trainer.norm_statistics_images`, the same
+images `--precise-bn N --precise-bn-changed F` would take), then the validation split scored again
+so the checkpoint's validation figures, calibration and operating points describe the new network.
+The weights are unchanged; only the statistics (running mean and variance) are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core import contract as c
+from core.errors import UserError
+from training.checkpoint import Checkpoint, read_checkpoint
+from training.config import TrainConfig, augmentation_names
+
+# The TrainConfig fields that decide what the changed share of the images goes through.
+AUGMENTATION_FIELDS = ("augment", "augment_p", "augment_flip_p", "augment_jpeg_min", "augment_blur_max",
+                       "augment_zoom_max", "augment_resize_min")  # fmt: skip
+
+
+def training_images_config(checkpoint: Checkpoint, data: list[str] | None, images: int, changed: float,
+                           augmentation: dict[str, Any], seed: int | None) -> TrainConfig:  # fmt: skip
+    """The checkpoint's config with the statistics' images set (`precise_bn`, `precise_bn_changed`), its
+    augmentation changed by `augmentation` (TrainConfig fields), checked as `cyborg train` checks them."""
+    if images < 1:
+        raise UserError(f"--images {images}: at least 1 training image")
+    if not 0.0 <= changed <= 1.0:
+        raise UserError(f"--changed {changed}: a share of the images, in [0, 1]")
+    config = dataclasses.replace(
+        checkpoint.config, **augmentation, data=list(data) if data else checkpoint.config.data,
+        precise_bn=images, precise_bn_changed=changed, freeze_bn=False, teacher=None, distill_view="augmented",
+        seed=checkpoint.config.seed if seed is None else seed,
+    )  # fmt: skip
+    if changed and not augmentation_names(config.augment):
+        raise UserError(f"--changed {changed} sends a share of the images through everyday changes, but the augmentation is "
+                        f"{config.augment!r}; pass --augment (e.g. everyday) and its strength (--augment-p ...)")  # fmt: skip
+    config.validate()
+    return config
+
+
+def training_split(checkpoint: Checkpoint, config: TrainConfig) -> list:
+    """The training samples of `config.data`, split as the checkpoint's run split them; UserError when
+    that split's validation images are not the checkpoint's (statistics measured on validation images
+    would flatter the figures measured on them)."""
+    from training.data import discover, split_samples
+
+    splits = split_samples(discover(config.data, config.csv, None), config.val_fraction, checkpoint.config.seed)
+    expected = sorted(checkpoint.val_predictions.paths)
+    found = sorted(str(sample.path) for sample in splits["val"])
+    if expected and found != expected:
+        raise UserError(
+            f"{', '.join(map(str, config.data))}: the validation split drawn from these folders "
+            f"({len(found)} images) is not the checkpoint's ({len(expected)} images, "
+            f"{len(set(expected) & set(found))} in common); give the folders it was trained on"
+        )
+    if not splits["train"]:
+        raise UserError(f"{', '.join(map(str, config.data))}: no training images")
+    return splits["train"]
+
+
+def set_norm_statistics(path: str | Path, *, data: list[str] | None = None, images: int = 800, changed: float = 0.0,
+                        augmentation: dict[str, Any] | None = None, seed: int | None = None,
+                        batch_size: int = 32, device: str = "cpu") -> Checkpoint:  # fmt: skip
+    """The checkpoint at `path` with every BatchNorm's statistics measured on `images` training images, a
+    share `changed` of them through `augmentation` first, and its validation split scored again."""
+    from training.augment import make_augmenter
+    from training.checkpoint import model_from_checkpoint
+    from training.data import FaceDataset
+    from training.distributed import DistInfo
+    from training.evaluate import score_samples
+    from training.trainer import norm_statistics_images, precise_norm_statistics
+
+    path = Path(path)
+    checkpoint = read_checkpoint(path).require(str(path))
+    model, _ = model_from_checkpoint(checkpoint)
+    config = training_images_config(checkpoint, data, images, changed, augmentation or {}, seed)
+    config = dataclasses.replace(config, batch_size=batch_size, workers=0)
+    size, grid, scale = int(checkpoint.image_size), tuple(checkpoint.cam_grid), checkpoint.input_scale
+    train = FaceDataset(training_split(checkpoint, config), size, grid, train=True, augmenter=make_augmenter(config),
+                        scale=scale, seed=config.seed)  # fmt: skip
+    chosen = norm_statistics_images(train, config)
+    precise_norm_statistics([model], chosen, config, DistInfo(device=torch.device(device)))
+    model.eval()
+    samples = checkpoint.val_predictions.samples("the network is validated again on its validation images")
+    metrics, scored = score_samples(model.to(device), samples, size, grid, scale, batch_size, device)
+    record = {
+        "checkpoint": str(path),
+        "checkpoint_sha256": c.sha256_file(path),
+        "data": [str(folder) for folder in config.data],
+        "images": len(chosen),
+        "changed": round(config.precise_bn_changed * len(chosen)),
+        "share_changed": config.precise_bn_changed,
+        "seed": config.seed,
+        "augmentation": {field: getattr(config, field) for field in AUGMENTATION_FIELDS} if config.precise_bn_changed else None,
+        "val_auc_before": checkpoint.val_metrics.get("auc"),
+    }
+    return dataclasses.replace(
+        checkpoint, model=model.cpu().state_dict(), val_metrics=metrics, val_predictions=scored,
+        best={"epoch": checkpoint.best.get("epoch"), "val_auc": metrics["auc"]}, norm_statistics=record,
+        training_model=None, optimizer=None, scheduler=None, scaler=None, rng=None,
+    )  # fmt: skip
+
