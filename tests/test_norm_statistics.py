@@ -76,6 +76,7 @@ def test_statistics_are_those_precise_bn_would_measure_and_the_network_is_valida
     assert (record["images"], record["changed"], record["share_changed"], record["seed"]) == (10, 5, 0.5, config.seed)
     assert record["augmentation"]["augment"] == "everyday" and record["augmentation"]["augment_p"] == 1.0
     assert record["val_auc_before"] == before.val_metrics["auc"] and record["checkpoint"] == str(trained)
+    assert record["data"] == [str(tiny_data)]  # the one folder the run was given, by name
     assert training_provenance(after, after.config, out)["norm_statistics"] == record
     assert "norm_statistics" not in training_provenance(before, before.config, trained)
 

@@ -51,19 +51,20 @@ def training_split(checkpoint: Checkpoint, config: TrainConfig) -> list:
     """The training samples of `config.data`, split as the checkpoint's run split them; UserError when
     that split's validation images are not the checkpoint's (statistics measured on validation images
     would flatter the figures measured on them)."""
-    from training.data import discover, split_samples
+    from training.data import data_folders, discover, split_samples
 
+    folders = ", ".join(map(str, data_folders(config.data)))
     splits = split_samples(discover(config.data, config.csv, None), config.val_fraction, checkpoint.config.seed)
     expected = sorted(checkpoint.val_predictions.paths)
     found = sorted(str(sample.path) for sample in splits["val"])
     if expected and found != expected:
         raise UserError(
-            f"{', '.join(map(str, config.data))}: the validation split drawn from these folders "
+            f"{folders}: the validation split drawn from these folders "
             f"({len(found)} images) is not the checkpoint's ({len(expected)} images, "
             f"{len(set(expected) & set(found))} in common); give the folders it was trained on"
         )
     if not splits["train"]:
-        raise UserError(f"{', '.join(map(str, config.data))}: no training images")
+        raise UserError(f"{folders}: no training images")
     return splits["train"]
 
 
@@ -74,7 +75,7 @@ def set_norm_statistics(path: str | Path, *, data: list[str] | None = None, imag
     share `changed` of them through `augmentation` first, and its validation split scored again."""
     from training.augment import make_augmenter
     from training.checkpoint import model_from_checkpoint
-    from training.data import FaceDataset
+    from training.data import FaceDataset, data_folders
     from training.distributed import DistInfo
     from training.evaluate import score_samples
     from training.trainer import norm_statistics_images, precise_norm_statistics
@@ -95,7 +96,7 @@ def set_norm_statistics(path: str | Path, *, data: list[str] | None = None, imag
     record = {
         "checkpoint": str(path),
         "checkpoint_sha256": c.sha256_file(path),
-        "data": [str(folder) for folder in config.data],
+        "data": [str(folder) for folder in data_folders(config.data)],
         "images": len(chosen),
         "changed": round(config.precise_bn_changed * len(chosen)),
         "share_changed": config.precise_bn_changed,
