@@ -23,8 +23,7 @@ from training.checkpoint import Checkpoint, read_checkpoint
 from training.config import TrainConfig, augmentation_names
 
 # The TrainConfig fields that decide what the changed share of the images goes through.
-AUGMENTATION_FIELDS = ("augment", "augment_p", "augment_flip_p", "augment_jpeg_min", "augment_blur_max",
-                       "augment_zoom_max", "augment_resize_min")  # fmt: skip
+AUGMENTATION_FIELDS = tuple(field.name for field in dataclasses.fields(TrainConfig) if field.name.startswith("augment"))
 
 
 def training_images_config(checkpoint: Checkpoint, data: list[str] | None, images: int, changed: float,
