@@ -109,11 +109,31 @@ def test_an_ensemble_gets_every_members_statistics_measured(tiny_data, trained, 
     assert measured.ensemble and measured.norm_statistics["images"] == 10
 
 
+def test_keep_first_leaves_the_first_batchnorms_as_they_were(trained):
+    """--keep-first N: each network's first N BatchNorms keep their statistics, the others get exactly
+    what a full measurement gives them."""
+    from training.norm_statistics import batch_norms
+
+    full = set_norm_statistics(trained, images=10, changed=0.5, augmentation=dict(augment="everyday", augment_p=1.0))
+    partial = set_norm_statistics(trained, images=10, changed=0.5, augmentation=dict(augment="everyday", augment_p=1.0), keep_first=2)
+    original = read_checkpoint(trained)
+    model = model_from_checkpoint(original)[0]
+    norms = {id(norm) for norm in batch_norms(model)[0]}
+    names = [name for name, module in model.named_modules() if id(module) in norms]  # module order, as batch_norms lists them
+    assert len(names) > 2 and partial.norm_statistics["kept_first"] == 2
+    for index, name in enumerate(names):
+        source = original if index < 2 else full
+        for buffer in ("running_mean", "running_var"):
+            torch.testing.assert_close(partial.model[f"{name}.{buffer}"], source.model[f"{name}.{buffer}"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(original.model[f"{names[0]}.running_mean"], full.model[f"{names[0]}.running_mean"], atol=1e-4)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(images=0), r"--images 0: at least 1 training image"),
     (dict(changed=1.5), r"--changed 1.5: a share of the images, in \[0, 1\]"),
     (dict(changed=0.3), r"--changed 0.3 sends a share .* augmentation is 'none'; pass --augment"),
     (dict(changed=0.3, augmentation=dict(augment="everyday", augment_p=2.0)), r"--augment-p 2.0: must be in \[0, 1\]"),
+    (dict(keep_first=999), r"--keep-first 999: between 0 and the \d+ BatchNorms of each network"),
 ])  # fmt: skip
 def test_bad_settings_are_named(unaugmented, options, message):
     with pytest.raises(UserError, match=message):

@@ -67,11 +67,27 @@ def training_split(checkpoint: Checkpoint, config: TrainConfig) -> list:
     return splits["train"]
 
 
+def batch_norms(model: torch.nn.Module) -> list[list[torch.nn.modules.batchnorm._BatchNorm]]:
+    """Each network's BatchNorms in its module order, the order these networks run them (an ensemble: one list per member)."""
+    networks = list(model.members) if hasattr(model, "members") else [model]
+    return [[m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] for network in networks]
+
+
+def kept_statistics(model: torch.nn.Module, keep_first: int) -> list[tuple[torch.nn.Module, dict[str, torch.Tensor]]]:
+    """A copy of the statistics of each network's first `keep_first` BatchNorms, to put back after measuring."""
+    norms = batch_norms(model)
+    fewest = min(len(network) for network in norms)
+    if not 0 <= keep_first <= fewest:
+        raise UserError(f"--keep-first {keep_first}: between 0 and the {fewest} BatchNorms of each network")
+    return [(norm, {name: buffer.clone() for name, buffer in norm.named_buffers()}) for network in norms for norm in network[:keep_first]]
+
+
 def set_norm_statistics(path: str | Path, *, data: list[str] | None = None, images: int = 800, changed: float = 0.0,
-                        augmentation: dict[str, Any] | None = None, seed: int | None = None,
+                        augmentation: dict[str, Any] | None = None, seed: int | None = None, keep_first: int = 0,
                         batch_size: int = 32, device: str = "cpu") -> Checkpoint:  # fmt: skip
-    """The checkpoint at `path` with every BatchNorm's statistics measured on `images` training images, a
-    share `changed` of them through `augmentation` first, and its validation split scored again."""
+    """The checkpoint at `path` with its BatchNorms' statistics measured on `images` training images, a
+    share `changed` of them through `augmentation` first (each network's first `keep_first` BatchNorms
+    keep theirs), and its validation split scored again."""
     from training.augment import make_augmenter
     from training.checkpoint import model_from_checkpoint
     from training.data import FaceDataset, data_folders
@@ -81,17 +97,20 @@ def set_norm_statistics(path: str | Path, *, data: list[str] | None = None, imag
 
     path = Path(path)
     checkpoint = read_checkpoint(path).require(str(path))
-    model, _ = model_from_checkpoint(checkpoint)
+    model = model_from_checkpoint(checkpoint)[0].to(device)
     config = training_images_config(checkpoint, data, images, changed, augmentation or {}, seed)
     config = dataclasses.replace(config, batch_size=batch_size, workers=0)
     size, grid, scale = int(checkpoint.image_size), tuple(checkpoint.cam_grid), checkpoint.input_scale
     train = FaceDataset(training_split(checkpoint, config), size, grid, train=True, augmenter=make_augmenter(config),
                         scale=scale, seed=config.seed)  # fmt: skip
+    kept = kept_statistics(model, keep_first)
     chosen = norm_statistics_images(train, config)
     precise_norm_statistics([model], chosen, config, DistInfo(device=torch.device(device)))
-    model.eval()
+    for norm, buffers in kept:
+        for name, value in buffers.items():
+            getattr(norm, name).copy_(value)
     samples = checkpoint.val_predictions.samples("the network is validated again on its validation images")
-    metrics, scored = score_samples(model.to(device), samples, size, grid, scale, batch_size, device)
+    metrics, scored = score_samples(model.eval(), samples, size, grid, scale, batch_size, device)
     record = {
         "checkpoint": str(path),
         "checkpoint_sha256": c.sha256_file(path),
@@ -100,6 +119,7 @@ def set_norm_statistics(path: str | Path, *, data: list[str] | None = None, imag
         "changed": round(config.precise_bn_changed * len(chosen)),
         "share_changed": config.precise_bn_changed,
         "seed": config.seed,
+        "kept_first": keep_first,
         "augmentation": {field: getattr(config, field) for field in AUGMENTATION_FIELDS} if config.precise_bn_changed else None,
         "val_auc_before": checkpoint.val_metrics.get("auc"),
     }

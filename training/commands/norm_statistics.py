@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (field, kind, help_text) in AUGMENT_FLAGS.items():
         parser.add_argument(flag, dest=field, type=kind, default=argparse.SUPPRESS,
                             help=help_text.replace("(default:", "(default: the checkpoint's; train's"))  # fmt: skip
+    parser.add_argument("--keep-first", type=int, default=0,
+                        help="each network's first N BatchNorms (in module order, the order they run) keep their statistics: "
+                             "early layers see pixel-level changes such as compression noise (default 0: all measured)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="which images are changed and how (default: the checkpoint's seed)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     augmentation = {field: getattr(args, field) for field, _, _ in AUGMENT_FLAGS.values() if hasattr(args, field)}
     checkpoint = set_norm_statistics(args.checkpoint, data=args.data or None, images=args.images, changed=args.changed,
-                                     augmentation=augmentation, seed=args.seed, batch_size=args.batch_size,
+                                     augmentation=augmentation, seed=args.seed, keep_first=args.keep_first, batch_size=args.batch_size,
                                      device=resolve_device(args.device))  # fmt: skip
     save_checkpoint(checkpoint, args.out)
     record = checkpoint.norm_statistics
