@@ -81,7 +81,7 @@ def test_statistics_are_those_precise_bn_would_measure_and_the_network_is_valida
     assert "norm_statistics" not in training_provenance(before, before.config, trained)
 
 
-def test_clean_statistics_by_default_and_another_seed_changes_other_images(trained, tmp_path):
+def test_clean_statistics_by_default_and_another_seed_changes_other_images(trained):
     """--changed 0 (the default) measures on clean images only; the seed decides which images are changed."""
     clean = set_norm_statistics(trained, images=10, device="cpu")
     assert clean.norm_statistics["changed"] == 0 and clean.norm_statistics["augmentation"] is None

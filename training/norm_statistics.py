@@ -21,6 +21,7 @@ from core import contract as c
 from core.errors import UserError
 from training.checkpoint import Checkpoint, read_checkpoint
 from training.config import TrainConfig, augmentation_names
+from training.model import EnsembleCamClassifier
 
 # The TrainConfig fields that decide what the changed share of the images goes through.
 AUGMENTATION_FIELDS = tuple(field.name for field in dataclasses.fields(TrainConfig) if field.name.startswith("augment"))
@@ -69,7 +70,7 @@ def training_split(checkpoint: Checkpoint, config: TrainConfig) -> list:
 
 def batch_norms(model: torch.nn.Module) -> list[list[torch.nn.modules.batchnorm._BatchNorm]]:
     """Each network's BatchNorms in its module order, the order these networks run them (an ensemble: one list per member)."""
-    networks = list(model.members) if hasattr(model, "members") else [model]
+    networks = list(model.members) if isinstance(model, EnsembleCamClassifier) else [model]
     return [[m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] for network in networks]
 
 
@@ -128,4 +129,3 @@ def set_norm_statistics(path: str | Path, *, data: list[str] | None = None, imag
         best={"epoch": checkpoint.best.get("epoch"), "val_auc": metrics["auc"]}, norm_statistics=record,
         training_model=None, optimizer=None, scheduler=None, scaler=None, rng=None,
     )  # fmt: skip
-
